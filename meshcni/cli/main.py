@@ -1,0 +1,26 @@
+"""Entry point of the `meshcni` command: the top-level click group and the registration of every sub-command.
+
+Each part of the product owns its sub-commands in its own module; this file only wires them together so
+`meshcni --help` shows the whole product in one place.
+"""
+
+from __future__ import annotations
+
+import click
+
+from meshcni import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshcni")
+def main() -> None:
+    """meshcni: eBPF-accelerated traffic capture for service-mesh sidecars."""
+
+
+def _register() -> None:
+    from meshcni.cli import lab as lab_cli
+
+    main.add_command(lab_cli.lab)
+
+
+_register()
