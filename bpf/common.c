@@ -1,0 +1,37 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Helpers that touch maps, shared by every hook. They live in a .c file compiled into the same unit as the
+ * hooks rather than in include/meshcni.h because bcc rewrites map methods (.lookup, .update) only in its main
+ * source text; in a header they would compile to indirect calls the verifier rejects.
+ */
+#include "meshcni.h"
+
+static __always_inline void mcni_count(__u32 slot, __u32 counter, __u64 n)
+{
+	struct mcni_counters *c = mcni_counters_v1.lookup(&slot);
+	if (c && counter < MCNI_CTR_MAX)
+		c->v[counter] += n;
+}
+
+static __always_inline struct mcni_pod *mcni_pod_by_netns(__u64 netns)
+{
+	__u32 *slot = mcni_pods_v1.lookup(&netns);
+	if (!slot)
+		return 0;
+	return mcni_pod_config_v1.lookup(slot);
+}
+
+static __always_inline __u8 mcni_port_policy(__u32 slot, __u16 port, __u8 dir)
+{
+	struct mcni_port_key key = { .slot = slot, .port = port, .dir = dir };
+	__u8 *v = mcni_ports_v1.lookup(&key);
+	return v ? *v : 0;
+}
+
+static __always_inline int mcni_cidr_match(__u32 slot, __u32 kind, const struct mcni_ip *ip)
+{
+	struct mcni_cidr_key key = { .prefixlen = 64 + 128, .slot = slot, .kind = kind };
+	key.ip = *ip;
+	return mcni_cidrs_v1.lookup(&key) != 0;
+}
+
