@@ -1,0 +1,357 @@
+"""The iptables interceptor: Istio's own nat rules (istio-iptables, REDIRECT mode) in each pod's netns.
+
+The rule set, chain names and rule order follow istio-iptables so a real Istio sidecar works unchanged:
+PREROUTING → ISTIO_INBOUND → ISTIO_IN_REDIRECT (REDIRECT to 15006) for inbound, OUTPUT → ISTIO_OUTPUT →
+ISTIO_REDIRECT (REDIRECT to 15001) for outbound, with the proxy recognised by its uid/gid owner match.
+Each rule is written in the canonical spelling `iptables-save` prints (`-s` before `-o`, the implicit
+`-m tcp`), so `verify` can compare live rules with rendered ones as text and a rendered document is also a
+valid restore input. DNS capture, TPROXY and interface exclusions, which meshcni does not offer, are left
+out. `capture` applies one `iptables-restore --noflush` transaction that (re)declares our four chains —
+which empties them if they exist — drops any earlier jumps into them and appends the rules, so capturing
+twice changes nothing; `release` deletes exactly our jumps and chains and leaves every other rule alone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from meshcni.config import INBOUND_PASSTHROUGH_SRC, Mode, PodConfig
+from meshcni.datapath.interceptor import PodNet
+from meshcni.sys import iptables as ipt
+from meshcni.sys.errors import NamespaceNotFound, SysError
+from meshcni.sys.iptables import Backend, Family, Table
+from meshcni.sys.netns import check_netns, run_in_netns
+
+TABLE = "nat"
+INBOUND = "ISTIO_INBOUND"
+REDIRECT = "ISTIO_REDIRECT"
+IN_REDIRECT = "ISTIO_IN_REDIRECT"
+OUTPUT = "ISTIO_OUTPUT"
+# Declaration order of istio-iptables.
+OUR_CHAINS = (INBOUND, REDIRECT, IN_REDIRECT, OUTPUT)
+# Istio's HBONE port: always the first RETURN of ISTIO_INBOUND, and never sent back inbound from the proxy.
+TUNNEL_PORT = 15008
+
+
+@dataclass(frozen=True)
+class FamilyAddresses:
+    """The per-family constants istio-iptables substitutes into otherwise identical rules."""
+
+    loopback: str  # the host loopback the proxy and localhost-aware apps use; never captured
+    passthrough: str  # source of the proxy's inbound passthrough connections to the app
+
+
+ADDRESSES = {
+    Family.IPV4: FamilyAddresses(loopback="127.0.0.1/32", passthrough=f"{INBOUND_PASSTHROUGH_SRC}/32"),
+    # IPv6 loopback is a single /128, so Istio adds ::6 to lo for the passthrough source.
+    Family.IPV6: FamilyAddresses(loopback="::1/128", passthrough="::6/128"),
+}
+IPV6_PASSTHROUGH_ADDRESS = "::6/128"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: its chain and the rest of the line, as iptables-save prints it."""
+
+    chain: str
+    spec: str
+
+    def line(self, verb: str = "-A") -> str:
+        return f"{verb} {self.chain} {self.spec}"
+
+
+def _spec(
+    *,
+    src: str | None = None,
+    dst: str | None = None,
+    not_dst: bool = False,
+    out: str | None = None,
+    tcp: bool = False,
+    dport: int | None = None,
+    not_dport: bool = False,
+    uid: int | None = None,
+    gid: int | None = None,
+    not_owner: bool = False,
+    jump: str,
+    redirect_to: int | None = None,
+) -> str:
+    """Assemble a rule in iptables-save's canonical order: addresses, interfaces, protocol, matches, target."""
+    parts: list[str] = []
+    if src:
+        parts += ["-s", src]
+    if dst:
+        parts += (["!"] if not_dst else []) + ["-d", dst]
+    if out:
+        parts += ["-o", out]
+    if tcp:
+        parts += ["-p", "tcp"]
+    if dport is not None:
+        # `--dport` needs `-p tcp`; iptables-save names the implicit tcp match module.
+        parts += ["-m", "tcp"] + (["!"] if not_dport else []) + ["--dport", str(dport)]
+    if uid is not None or gid is not None:
+        neg = ["!"] if not_owner else []
+        parts += ["-m", "owner"] + neg + (["--uid-owner", str(uid)] if uid is not None else ["--gid-owner", str(gid)])
+    parts += ["-j", jump]
+    if redirect_to is not None:
+        parts += ["--to-ports", str(redirect_to)]
+    return " ".join(parts)
+
+
+def _networks(nets, family: Family) -> list:
+    return [n for n in nets if n.version == int(family)]
+
+
+def _includes_loopback(config: PodConfig) -> bool:
+    """Istio keeps app→self traffic on lo out of the proxy, unless the user included a loopback range."""
+    return config.include_outbound_cidrs is not None and any(
+        n.network_address.is_loopback for n in config.include_outbound_cidrs
+    )
+
+
+def build_rules(config: PodConfig, family: Family | int) -> list[Rule]:
+    """The rules istio-iptables appends, in its order; empty when the pod is not to be captured."""
+    family = Family(family)
+    if config.mode is Mode.OFF:
+        return []
+    addr = ADDRESSES[family]
+    excluded_in = set(config.effective_exclude_inbound_ports)
+    rules = [
+        Rule(INBOUND, _spec(tcp=True, dport=TUNNEL_PORT, jump="RETURN")),
+        Rule(REDIRECT, _spec(tcp=True, jump="REDIRECT", redirect_to=config.outbound_port)),
+        Rule(IN_REDIRECT, _spec(tcp=True, jump="REDIRECT", redirect_to=config.inbound_port)),
+    ]
+
+    # Inbound. An empty include list means "capture no inbound port": no PREROUTING jump at all.
+    if config.include_inbound_ports is None:
+        rules.append(Rule("PREROUTING", _spec(tcp=True, jump=INBOUND)))
+        rules += [
+            Rule(INBOUND, _spec(tcp=True, dport=port, jump="RETURN"))
+            for port in sorted(excluded_in - {TUNNEL_PORT})
+        ]
+        rules.append(Rule(INBOUND, _spec(tcp=True, jump=IN_REDIRECT)))
+    elif config.include_inbound_ports:
+        rules.append(Rule("PREROUTING", _spec(tcp=True, jump=INBOUND)))
+        # An exclusion wins over an inclusion of the same port (Istio would capture it): never capture the
+        # proxy's own ports or a port the user explicitly asked us to leave alone.
+        rules += [
+            Rule(INBOUND, _spec(tcp=True, dport=port, jump=IN_REDIRECT))
+            for port in config.include_inbound_ports
+            if port not in excluded_in
+        ]
+
+    # Outbound.
+    rules.append(Rule("OUTPUT", _spec(tcp=True, jump=OUTPUT)))
+    # Port exclusions come first so that even the app→self-via-VIP rule below cannot capture them.
+    rules += [Rule(OUTPUT, _spec(tcp=True, dport=port, jump="RETURN")) for port in config.exclude_outbound_ports]
+    # The proxy's inbound passthrough (source 127.0.0.6 / ::6) to the app over lo.
+    rules.append(Rule(OUTPUT, _spec(src=addr.passthrough, out="lo", jump="RETURN")))
+    keep_app_to_self = not _includes_loopback(config)
+    for owner in ({"uid": config.proxy_uid}, {"gid": config.proxy_gid}):
+        # The proxy calling the pod's own (non-loopback) address on lo — app → proxy → service VIP that
+        # resolves to this very pod — must enter the proxy again as inbound traffic.
+        rules.append(
+            Rule(
+                OUTPUT,
+                _spec(
+                    dst=addr.loopback, not_dst=True, out="lo", tcp=True, dport=TUNNEL_PORT, not_dport=True,
+                    jump=IN_REDIRECT, **owner,
+                ),
+            )
+        )
+        if keep_app_to_self:
+            # The app calling itself by pod IP stays on lo and skips the proxy.
+            rules.append(Rule(OUTPUT, _spec(out="lo", not_owner=True, jump="RETURN", **owner)))
+        # Everything else the proxy sends leaves uncaptured (no redirect loop).
+        rules.append(Rule(OUTPUT, _spec(jump="RETURN", **owner)))
+    # Apps that explicitly talk to localhost (sidecar-aware apps, container-to-container).
+    rules.append(Rule(OUTPUT, _spec(dst=addr.loopback, jump="RETURN")))
+    rules += [
+        Rule(OUTPUT, _spec(dst=str(net), jump="RETURN"))
+        for net in _networks(config.exclude_outbound_cidrs, family)
+    ]
+    rules += [Rule(OUTPUT, _spec(tcp=True, dport=port, jump=REDIRECT)) for port in config.include_outbound_ports]
+    if config.include_outbound_cidrs is None:
+        rules.append(Rule(OUTPUT, _spec(jump=REDIRECT)))
+    else:
+        rules += [
+            Rule(OUTPUT, _spec(dst=str(net), jump=REDIRECT))
+            for net in _networks(config.include_outbound_cidrs, family)
+        ]
+    return rules
+
+
+def _document(rules: list[Rule], preamble: list[str] = ()) -> str:
+    lines = [f"*{TABLE}"]
+    lines += [f":{chain} - [0:0]" for chain in OUR_CHAINS]
+    lines += preamble
+    lines += [rule.line() for rule in rules]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def render_rules(config: PodConfig, family: Family | int) -> str:
+    """The iptables-restore document that captures a pod in an empty netns ("" when nothing is captured)."""
+    rules = build_rules(config, family)
+    return _document(rules) if rules else ""
+
+
+def capture_document(config: PodConfig, family: Family | int, live: Table) -> str:
+    """The one transaction that makes `live` carry exactly our rules, whatever of ours it already has.
+
+    Declaring our chains empties existing ones; jumps into them from other chains are deleted first (with
+    the exact spelling iptables-save gave us) and the rendered ones appended, so nothing is duplicated.
+    """
+    rules = build_rules(config, family)
+    if not rules:
+        return release_document(live) or ""
+    deletions = [Rule(chain, spec).line("-D") for chain, spec in live.jumps_to(OUR_CHAINS)]
+    return _document(rules, deletions)
+
+
+def release_document(live: Table) -> str | None:
+    """The transaction that removes our jumps and chains from `live`; None when none of ours is there."""
+    ours = [chain for chain in OUR_CHAINS if chain in live.chains]
+    jumps = live.jumps_to(OUR_CHAINS)
+    if not ours and not jumps:
+        return None
+    lines = [f"*{TABLE}"]
+    lines += [Rule(chain, spec).line("-D") for chain, spec in jumps]
+    # Flush all before deleting any: ISTIO_INBOUND and ISTIO_OUTPUT still reference ISTIO_IN_REDIRECT.
+    lines += [f"-F {chain}" for chain in ours]
+    lines += [f"-X {chain}" for chain in ours]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def diff_rules(config: PodConfig, family: Family | int, live: Table) -> list[str]:
+    """What is wrong with `live` compared with the rendered rules, one sentence per problem."""
+    family = Family(family)
+    label = f"{family.label} {TABLE}"
+    expected = build_rules(config, family)
+    problems: list[str] = []
+    if not expected:
+        for chain in OUR_CHAINS:
+            if chain in live.chains:
+                problems.append(f"{label}: chain {chain} exists although capture is off")
+        for chain, spec in live.jumps_to(OUR_CHAINS):
+            problems.append(f"{label}: unexpected rule '-A {chain} {spec}' (capture is off)")
+        return problems
+
+    want: dict[str, list[str]] = {}
+    for rule in expected:
+        want.setdefault(rule.chain, []).append(rule.spec)
+    for chain in OUR_CHAINS:
+        if chain not in live.chains:
+            problems.append(f"{label}: chain {chain} is missing")
+            continue
+        problems += _compare_chain(label, chain, want.get(chain, []), live.chain_rules(chain))
+
+    have_jumps: dict[str, list[str]] = {}
+    for chain, spec in live.jumps_to(OUR_CHAINS):
+        have_jumps.setdefault(chain, []).append(spec)
+    for chain in sorted(set(have_jumps) | (set(want) - set(OUR_CHAINS))):
+        problems += _compare_chain(label, chain, want.get(chain, []), have_jumps.get(chain, []))
+    return problems
+
+
+def _compare_chain(label: str, chain: str, want: list[str], have: list[str]) -> list[str]:
+    if want == have:
+        return []
+    problems = [f"{label}: missing rule '-A {chain} {spec}'" for spec in want if spec not in have]
+    problems += [f"{label}: unexpected rule '-A {chain} {spec}'" for spec in have if spec not in want]
+    for spec in set(have):
+        extra = have.count(spec) - want.count(spec)
+        if spec in want and extra > 0:
+            problems.append(f"{label}: rule '-A {chain} {spec}' is present {extra} extra time(s)")
+    if not problems:
+        problems.append(f"{label}: chain {chain} has the right rules in the wrong order")
+    return problems
+
+
+def wanted_families(pod: PodNet) -> list[Family]:
+    """IPv4 always; IPv6 only when the pod has an IPv6 address.
+
+    A pod without one cannot send or receive IPv6 except on ::1, which is never captured; skipping ip6tables
+    then avoids failing pods on nodes booted with ipv6.disable=1.
+    """
+    families = [Family.IPV4]
+    if any(isinstance(ip, ipaddress.IPv6Address) for ip in pod.ips):
+        families.append(Family.IPV6)
+    return families
+
+
+class IptablesInterceptor:
+    """Capture pods with Istio's nat rules applied by iptables-restore inside each pod's netns."""
+
+    mode = Mode.IPTABLES
+
+    def __init__(self, backend: Backend | str | None = None):
+        # Resolved on first use: detection runs two tools and must not slow down constructing the agent.
+        self._requested = backend
+        self._backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = ipt.detect_backend(self._requested)
+        return self._backend
+
+    def capture(self, pod: PodNet) -> None:
+        check_netns(pod.netns)
+        wanted = wanted_families(pod)
+        for family in Family:
+            if family in wanted:
+                if family is Family.IPV6:
+                    self._add_ipv6_passthrough_address(pod)
+                live = ipt.save(pod.netns, family, self.backend, TABLE)
+                document = capture_document(pod.config, family, live)
+                if document:
+                    ipt.restore(pod.netns, family, self.backend, document)
+            elif ipt.family_available(family):
+                # The pod lost its IPv6 address (or never had one): leave no stale IPv6 capture behind.
+                self._release_family(pod, family)
+
+    def release(self, pod: PodNet) -> None:
+        try:
+            check_netns(pod.netns)
+        except NamespaceNotFound:
+            return  # the rules died with the namespace
+        for family in Family:
+            if ipt.family_available(family):
+                self._release_family(pod, family)
+
+    def verify(self, pod: PodNet) -> list[str]:
+        try:
+            check_netns(pod.netns)
+        except NamespaceNotFound as exc:
+            return [str(exc)]
+        problems: list[str] = []
+        wanted = wanted_families(pod)
+        for family in Family:
+            if not ipt.family_available(family):
+                continue
+            live = ipt.save(pod.netns, family, self.backend, TABLE)
+            config = pod.config if family in wanted else pod.config.with_mode(Mode.OFF)
+            problems += diff_rules(config, family, live)
+        return problems
+
+    def _release_family(self, pod: PodNet, family: Family) -> None:
+        document = release_document(ipt.save(pod.netns, family, self.backend, TABLE))
+        if document:
+            ipt.restore(pod.netns, family, self.backend, document)
+
+    @staticmethod
+    def _add_ipv6_passthrough_address(pod: PodNet) -> None:
+        """Put ::6 on lo like istio-iptables does: IPv6 loopback is one /128, so the proxy could not bind its
+        passthrough source otherwise. `replace` makes it idempotent; release leaves it (it captures nothing)."""
+        proc = run_in_netns(
+            pod.netns,
+            ["ip", "-6", "addr", "replace", IPV6_PASSTHROUGH_ADDRESS, "dev", "lo"],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise SysError(
+                f"cannot add {IPV6_PASSTHROUGH_ADDRESS} to lo in {pod.netns}: {proc.stderr.strip()}"
+            )
