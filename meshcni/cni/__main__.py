@@ -1,0 +1,25 @@
+"""Entry point of the `meshcni` CNI plugin executable (`python -m meshcni.cni`, or the PyInstaller bundle).
+
+Kept to the exec wrapper: everything that can fail is inside `plugin.main`, which turns failures into spec
+error JSON; the guard here only covers a broken installation (an import that fails), which must also
+reach the runtime as JSON and not as a traceback.
+"""
+
+import os
+import sys
+
+
+def _run() -> int:
+    try:
+        from meshcni.cni.plugin import main
+    except Exception as exc:  # a broken bundle or install: still answer in the CNI format
+        sys.stdout.write(
+            '{"cniVersion": "1.1.0", "code": 110, "msg": "meshcni plugin is broken: %s"}\n'
+            % str(exc).replace("\\", "\\\\").replace('"', "'")
+        )
+        return 1
+    return main(os.environ, sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(_run())

@@ -1,0 +1,232 @@
+"""Parsing and validation of what the runtime hands the plugin: the CNI_* environment and the stdin config.
+
+Each problem maps to the spec's error code: a missing or malformed CNI_* variable is 4, undecodable stdin
+(too large, not JSON, not an object) is 6, a config key of the wrong type or value is 7, a cniVersion the
+plugin does not speak is 1. The validated result is two small frozen records the plugin core consumes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from meshcni.cni import protocol, spec
+from meshcni.cni.spec import CniError
+
+MAX_STDIN_BYTES = 1 << 20
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
+FAILURE_POLICIES = ("closed", "open")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Same rules as libcni's ValidateContainerID / ValidateInterfaceName; the container id also names the
+# pending-enrolment file, so these rules are what keeps it inside pendingDir.
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_IFNAME_MAX = 15  # IFNAMSIZ - 1
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """The CNI_* environment of one exec."""
+
+    command: str
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    cni_args: dict[str, str] = field(default_factory=dict)
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The validated network config; `raw` keeps every key so the agent sees the whole plugin config."""
+
+    cni_version: str
+    name: str
+    agent_socket: str
+    failure_policy: str
+    pending_dir: str
+    log_file: str
+    log_level: str
+    connect_timeout: float
+    request_timeout: float
+    prev_result: dict[str, Any] | None  # normalised (internal layout), None when absent
+    valid_attachments: list[tuple[str, str]] | None
+    raw: dict[str, Any]
+
+    def forwarded(self) -> dict[str, Any]:
+        """The config the agent receives: everything but the (separately forwarded) previous result."""
+        return {k: v for k, v in self.raw.items() if k not in ("prevResult", "cni.dev/valid-attachments")}
+
+
+def parse_invocation(env: Mapping[str, str]) -> Invocation:
+    command = env.get("CNI_COMMAND", "")
+    if not command:
+        raise CniError(spec.ERR_INVALID_ENV, "CNI_COMMAND is not set")
+    if command not in COMMANDS:
+        raise CniError(spec.ERR_INVALID_ENV, f"unknown CNI_COMMAND {command!r}", f"expected one of {', '.join(COMMANDS)}")
+    if command in ("VERSION", "STATUS", "GC"):
+        return Invocation(command=command, path=env.get("CNI_PATH", ""))
+
+    container_id = _required(env, "CNI_CONTAINERID")
+    if not _CONTAINER_ID.match(container_id):
+        raise CniError(spec.ERR_INVALID_ENV, "CNI_CONTAINERID has invalid characters", container_id)
+    ifname = _required(env, "CNI_IFNAME")
+    if len(ifname) > _IFNAME_MAX or ifname in (".", "..") or any(c in ifname for c in "/: \t\n\r\0"):
+        raise CniError(spec.ERR_INVALID_ENV, f"CNI_IFNAME {ifname!r} is not a valid interface name")
+    # DEL must work after the netns is gone, and runtimes then pass an empty CNI_NETNS.
+    netns = env.get("CNI_NETNS", "") if command == "DEL" else _required(env, "CNI_NETNS")
+    return Invocation(
+        command=command,
+        container_id=container_id,
+        netns=netns,
+        ifname=ifname,
+        cni_args=parse_cni_args(env.get("CNI_ARGS", "")),
+        path=env.get("CNI_PATH", ""),
+    )
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """'K8S_POD_NAME=a;K8S_POD_NAMESPACE=b' → dict; unknown keys are kept (the agent may use them)."""
+    args: dict[str, str] = {}
+    for pair in text.split(";"):
+        if not pair:
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CniError(spec.ERR_INVALID_ENV, f"CNI_ARGS has an invalid pair {pair!r}", "expected KEY=VALUE;...")
+        args[key] = value
+    return args
+
+
+def read_stdin(stream: Any, limit: int = MAX_STDIN_BYTES) -> bytes:
+    """Read at most `limit` bytes; more is a decode error rather than an unbounded allocation."""
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise CniError(spec.ERR_DECODE, f"network config on stdin exceeds {limit} bytes")
+    return data
+
+
+def decode_config(data: bytes) -> dict[str, Any]:
+    try:
+        raw = json.loads(data)
+    except UnicodeDecodeError:
+        raise CniError(spec.ERR_DECODE, "network config on stdin is not UTF-8") from None
+    except ValueError as exc:
+        raise CniError(spec.ERR_DECODE, "network config on stdin is not valid JSON", str(exc)) from None
+    if not isinstance(raw, dict):
+        raise CniError(spec.ERR_DECODE, "network config on stdin must be a JSON object")
+    return raw
+
+
+def requested_version(raw: dict[str, Any]) -> str | None:
+    """The cniVersion if it is a string, for echoing in error replies before full validation."""
+    v = raw.get("cniVersion")
+    return v if isinstance(v, str) else None
+
+
+def parse_config(raw: dict[str, Any], command: str) -> PluginConfig:
+    version = raw.get("cniVersion")
+    if version is None:
+        raise CniError(spec.ERR_INVALID_CONFIG, "network config has no cniVersion")
+    if not isinstance(version, str):
+        raise CniError(spec.ERR_INVALID_CONFIG, "cniVersion must be a string")
+    spec.require_supported(version)
+
+    name = _opt_str(raw, "name", "")
+    _opt_str(raw, "type", "")
+    agent_socket = _opt_abs_path(raw, "agentSocket", protocol.DEFAULT_SOCKET)
+    pending_dir = _opt_abs_path(raw, "pendingDir", protocol.DEFAULT_PENDING_DIR)
+    log_file = _opt_abs_path(raw, "logFile", "")
+    log_level = _opt_choice(raw, "logLevel", "info", LOG_LEVELS)
+    policy = raw.get("failurePolicy", "closed")
+    if not isinstance(policy, str):
+        raise CniError(spec.ERR_INVALID_CONFIG, "failurePolicy must be a string")
+    if policy == "iptables":
+        raise CniError(
+            spec.ERR_INVALID_CONFIG,
+            'failurePolicy "iptables" is not supported yet',
+            'reserved for a future in-plugin iptables fallback; use "closed" or "open"',
+        )
+    if policy not in FAILURE_POLICIES:
+        raise CniError(spec.ERR_INVALID_CONFIG, f"unknown failurePolicy {policy!r}", 'use "closed" or "open"')
+    connect_timeout = _opt_seconds(raw, "connectTimeoutSeconds", 1.0)
+    request_timeout = _opt_seconds(raw, "requestTimeoutSeconds", 10.0)
+    for key in ("runtimeConfig", "args"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise CniError(spec.ERR_INVALID_CONFIG, f"{key} must be a JSON object")
+
+    prev = raw.get("prevResult")
+    prev_result = None if prev is None else spec.normalize_result(prev, "prevResult")
+    valid = _valid_attachments(raw) if command == "GC" else None
+    return PluginConfig(
+        cni_version=version,
+        name=name,
+        agent_socket=agent_socket,
+        failure_policy=policy,
+        pending_dir=pending_dir,
+        log_file=log_file,
+        log_level=log_level,
+        connect_timeout=connect_timeout,
+        request_timeout=request_timeout,
+        prev_result=prev_result,
+        valid_attachments=valid,
+        raw=raw,
+    )
+
+
+def _valid_attachments(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    value = raw.get("cni.dev/valid-attachments")
+    if value is None:
+        # Spec: GC without the key means "no attachment is valid"; be explicit rather than wipe by accident.
+        raise CniError(spec.ERR_INVALID_CONFIG, "GC needs cni.dev/valid-attachments (an empty list clears all)")
+    if not isinstance(value, list):
+        raise CniError(spec.ERR_INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("containerID"), str) or not isinstance(
+            item.get("ifname"), str
+        ):
+            raise CniError(
+                spec.ERR_INVALID_CONFIG, f"cni.dev/valid-attachments[{i}] needs string containerID and ifname"
+            )
+        out.append((item["containerID"], item["ifname"]))
+    return out
+
+
+def _required(env: Mapping[str, str], key: str) -> str:
+    value = env.get(key, "")
+    if not value:
+        raise CniError(spec.ERR_INVALID_ENV, f"{key} is not set")
+    return value
+
+
+def _opt_str(raw: dict[str, Any], key: str, default: str) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise CniError(spec.ERR_INVALID_CONFIG, f"{key} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _opt_abs_path(raw: dict[str, Any], key: str, default: str) -> str:
+    value = _opt_str(raw, key, default)
+    if value and (not value.startswith("/") or ".." in value.split("/") or "\0" in value):
+        raise CniError(spec.ERR_INVALID_CONFIG, f"{key} must be an absolute path without '..'", value)
+    return value
+
+
+def _opt_choice(raw: dict[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _opt_str(raw, key, default)
+    if value not in choices:
+        raise CniError(spec.ERR_INVALID_CONFIG, f"{key} must be one of {', '.join(choices)}", value)
+    return value
+
+
+def _opt_seconds(raw: dict[str, Any], key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CniError(spec.ERR_INVALID_CONFIG, f"{key} must be a number of seconds")
+    if not 0 < value <= 300:
+        raise CniError(spec.ERR_INVALID_CONFIG, f"{key} must be in (0, 300]", str(value))
+    return float(value)
