@@ -1,0 +1,415 @@
+"""`up`, `down` and `status` of a lab: the kubelet+runtime part of a node, played on one machine.
+
+`up` goes step by step — state dir, subnet, cgroup, then per pod: netns, CNI ADD through the conflist, app and
+sidecar processes, and finally capture (after every proxy listens, because the datapath registers the proxy's
+inbound listener). Each resource is written to the state file before or as it is created, and any failure
+(or Ctrl-C) runs the same teardown `down` runs, so a failed `up` leaves nothing behind. `down` works from the
+state file alone, tolerates every resource already being gone, and keeps the state file when something could
+not be removed so that running it again retries exactly the rest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import shutil
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from meshcni.config import PodConfig
+from meshcni.datapath.interceptor import PodNet
+from meshcni.lab import cni, cniexec, haproxy, host, pod as podproc
+from meshcni.lab.state import (
+    DEFAULT_STATE_ROOT,
+    LabError,
+    LabNames,
+    LabState,
+    PodState,
+    check_name,
+    default_state_dir,
+)
+from meshcni.sys import cgroup, proc
+from meshcni.sys.errors import SysError
+
+SUBNET_BASE = ipaddress.ip_network("10.233.0.0/16")
+MAX_PODS = 200
+LAB_NAMESPACE = "lab"  # the Kubernetes namespace lab pods claim to live in
+
+
+@dataclass
+class LabOptions:
+    name: str = "lab"
+    pods: int = 2
+    state_dir: Path | None = None
+    capture: bool = True
+    proxy_http_ports: tuple[int, ...] = (80, 8080)
+    cni_path: tuple[str, ...] = (cni.REFERENCE_PLUGIN_DIR,)
+    chain_plugins: tuple[Mapping[str, Any], ...] = ()  # appended after bridge+loopback (e.g. meshcni)
+    ready_timeout: float = 15.0
+
+    def resolved_state_dir(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else default_state_dir(self.name)
+
+
+@dataclass
+class DownReport:
+    removed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"removed": self.removed, "notes": self.notes, "errors": self.errors}
+
+
+# ------------------------------------------------------------------------------------------------------ up
+
+
+def up(opts: LabOptions) -> LabState:
+    """Create the lab; on any failure tear down what was created and raise LabError."""
+    _validate(opts)
+    datapath_cls = _datapath_class() if opts.capture else None  # fail before creating anything
+    state_dir = opts.resolved_state_dir()
+    existing = LabState.load(state_dir)
+    if existing is not None:
+        raise LabError(
+            f"lab {opts.name!r} already exists ({existing.path}, phase {existing.phase}); "
+            f"run `meshcni lab down --name {opts.name}` first"
+        )
+    _check_reachable_by_proxy(state_dir)
+    names = LabNames(opts.name)
+    state = _allocate(opts, state_dir, names)
+    try:
+        _build(opts, state, names, datapath_cls)
+    except BaseException as exc:
+        report = teardown(state)
+        detail = f"; rollback also failed: {'; '.join(report.errors)}" if report.errors else "; rolled back"
+        if isinstance(exc, (LabError, SysError, OSError)):
+            raise LabError(f"lab up failed: {exc}{detail}") from exc
+        raise
+    return state
+
+
+def _validate(opts: LabOptions) -> None:
+    check_name(opts.name)
+    if not 1 <= opts.pods <= MAX_PODS:
+        raise LabError(f"--pods must be between 1 and {MAX_PODS}, not {opts.pods}")
+    for port in opts.proxy_http_ports:
+        if not 1 <= port <= 65535:
+            raise LabError(f"proxy HTTP port {port} is outside 1-65535")
+    for p in opts.chain_plugins:
+        if not isinstance(p, Mapping) or not isinstance(p.get("type"), str) or not p["type"]:
+            raise LabError(f"a chained plugin needs a non-empty \"type\": {p!r}")
+
+
+def _check_reachable_by_proxy(state_dir: Path) -> None:
+    # HAProxy runs as uid 1337 and nginx workers as nobody: both must traverse every directory above the
+    # state dir to read their config (pytest's /tmp/pytest-of-root is 0700, for instance).
+    for parent in state_dir.absolute().parents:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise LabError(f"{parent} is not searchable by other users; pick a --state-dir the proxy uid can reach")
+
+
+def _allocate(opts: LabOptions, state_dir: Path, names: LabNames) -> LabState:
+    """Pick a free 10.233.N.0/24 (and bridge mcnilabN) and write the initial state, under a host-wide lock."""
+    DEFAULT_STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    DEFAULT_STATE_ROOT.chmod(0o755)
+    DEFAULT_STATE_ROOT.parent.chmod(0o755)
+    with open(DEFAULT_STATE_ROOT / ".alloc.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        index = _free_subnet_index(opts.name)
+        subnet = str(list(SUBNET_BASE.subnets(new_prefix=24))[index])
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.chmod(0o755)
+        bridge = names.bridge(index)
+        state = LabState(
+            name=opts.name,
+            state_dir=str(state_dir),
+            subnet=subnet,
+            subnet_index=index,
+            bridge=bridge,
+            cgroup=str(cgroup.unified_root() / names.cgroup_dir),
+            capture=opts.capture,
+            proxy_http_ports=list(opts.proxy_http_ports),
+            conflist=cni.build_conflist(
+                f"meshcni-lab-{opts.name}", bridge, subnet, state_dir / "ipam", extra=opts.chain_plugins
+            ),
+            cni_path=list(opts.cni_path),
+        )
+        state.save()
+    return state
+
+
+def _free_subnet_index(name: str) -> int:
+    taken: set[int] = set()
+    for bridge in host.lab_bridges():
+        suffix = bridge[len(host.LAB_BRIDGE_PREFIX) :]
+        if suffix.isdigit():
+            taken.add(int(suffix))
+    for dst in host.routes_v4():
+        try:
+            net = ipaddress.ip_network(dst, strict=False)
+        except ValueError:
+            continue  # "default", "broadcast ..." and friends
+        for i, sub in enumerate(SUBNET_BASE.subnets(new_prefix=24)):
+            if net.overlaps(sub) and net.prefixlen >= 8:
+                taken.add(i)
+    for f in DEFAULT_STATE_ROOT.glob("*/state.json"):
+        try:
+            taken.add(int(json.loads(f.read_text())["subnet_index"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    # Start from a hash of the name so a lab tends to keep its subnet across runs; skip .0 (looks like a typo).
+    start = zlib.crc32(name.encode()) % 255 + 1
+    for k in range(255):
+        i = (start + k - 1) % 255 + 1
+        if i not in taken:
+            return i
+    raise LabError(f"no free /24 left in {SUBNET_BASE} for a lab subnet")
+
+
+def _build(opts: LabOptions, state: LabState, names: LabNames, datapath_cls) -> None:
+    cgroup.ensure(state.cgroup)
+    state.host_ip_forward_before = host.read_ip_forward()
+    conf_dir = Path(state.state_dir) / "cni"
+    conf_dir.mkdir(exist_ok=True)
+    (conf_dir / f"{state.conflist['name']}.conflist").write_text(json.dumps(state.conflist, indent=2) + "\n")
+    state.save()
+
+    for i in range(opts.pods):
+        netns_name = names.netns(i)
+        pod = PodState(
+            index=i, name=names.pod(i), netns=host.netns_path(netns_name), container_id=names.container_id(i)
+        )
+        state.pods.append(pod)
+        state.save()
+        host.netns_add(netns_name)
+        pod.cni_added = True
+        state.save()
+        result = cniexec.add(
+            state.conflist,
+            container_id=pod.container_id,
+            netns=pod.netns,
+            ifname=pod.ifname,
+            cni_path=state.cni_path,
+            # IgnoreUnknown=1 as kubelet sends it: the reference plugins reject K8S_* args they do not know otherwise.
+            cni_args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE={LAB_NAMESPACE};K8S_POD_NAME={pod.name}",
+        )
+        pod.cni_result = result
+        pod.ip, pod.mac = cni.pod_address(result, pod.ifname)
+        state.save()
+
+    for pod in state.pods:
+        peer = state.pods[(pod.index + 1) % len(state.pods)]
+        podproc.start(state, pod, peer, opts.ready_timeout)
+
+    if datapath_cls is not None:
+        state.bpf_pin_dir = str(names.bpf_pin_dir)
+        state.save()
+        dp = datapath_cls.load(pin_dir=state.bpf_pin_dir, cgroup=state.cgroup)
+        for pod in state.pods:
+            pod.captured = True  # recorded first: a capture that fails half-way still gets released
+            state.save()
+            dp.capture(pod_net(pod))
+    state.phase = "ready"
+    state.save()
+
+
+def lab_pod_config() -> PodConfig:
+    """Capture everything but the explicit benchmark listeners, which are proxy-to-proxy by design."""
+    return PodConfig(
+        exclude_inbound_ports=haproxy.EXPLICIT_PORTS,
+        exclude_outbound_ports=(haproxy.EXPLICIT_HTTP_OUT, haproxy.EXPLICIT_TCP_OUT),
+    )
+
+
+def pod_net(pod: PodState) -> PodNet:
+    ips = (ipaddress.ip_address(pod.ip),) if pod.ip else ()
+    return PodNet(
+        key=pod.container_id, netns=pod.netns, ips=ips, config=lab_pod_config(), name=pod.name,
+        namespace=LAB_NAMESPACE,
+    )
+
+
+def _datapath_class():
+    try:
+        from meshcni.datapath.ebpf import EbpfDatapath
+    except ImportError as exc:
+        raise LabError(f"capture needs meshcni.datapath.ebpf, which cannot be imported ({exc}); use --no-capture") from exc
+    return EbpfDatapath
+
+
+# ---------------------------------------------------------------------------------------------------- down
+
+
+def down(name: str, state_dir: Path | None = None) -> DownReport:
+    """Remove everything the lab `name` created; fine to run when it is half-built or already gone."""
+    check_name(name)
+    sdir = Path(state_dir) if state_dir else default_state_dir(name)
+    state = LabState.load(sdir)
+    if state is None:
+        return _teardown_by_convention(name, sdir)
+    report = teardown(state)
+    if report.errors:
+        raise LabError("lab down left things behind (run it again to retry): " + "; ".join(report.errors))
+    return report
+
+
+def teardown(state: LabState) -> DownReport:
+    """Undo `up` in reverse order, continuing past failures; the state file survives only if something failed."""
+    r = DownReport()
+    _release_capture(state, r)
+    for pod in state.pods:
+        errs = podproc.stop(pod)
+        r.errors.extend(errs)
+        if pod.processes and not errs:
+            r.removed.append(f"processes of pod {pod.name}")
+    try:
+        # Anything that forked away from the recorded processes is still in the lab cgroup.
+        proc.kill_cgroup(state.cgroup)
+    except proc.ProcessError as exc:
+        r.errors.append(str(exc))
+    for pod in reversed(state.pods):
+        _cni_del(state, pod, r)
+        name = Path(pod.netns).name
+        _step(r, f"netns {name}", lambda: host.netns_delete(name))
+    _step(r, f"bridge {state.bridge}", lambda: host.link_delete(state.bridge))
+    if host.restore_ip_forward(state.host_ip_forward_before):
+        r.notes.append(f"restored net.ipv4.ip_forward={state.host_ip_forward_before}")
+    _step(r, f"cgroup {state.cgroup}", lambda: _remove_cgroup(state.cgroup))
+    if r.errors:
+        state.phase = "teardown-incomplete"
+        state.save()
+    else:
+        _step(r, f"state dir {state.state_dir}", lambda: _rmtree(state.state_dir))
+    return r
+
+
+def _release_capture(state: LabState, r: DownReport) -> None:
+    if not state.bpf_pin_dir:
+        return
+    try:
+        dp_cls = _datapath_class()
+        dp = dp_cls.load(pin_dir=state.bpf_pin_dir, cgroup=state.cgroup)
+        for pod in state.pods:
+            if pod.captured:
+                dp.release(pod_net(pod))
+                pod.captured = False
+        dp.unload()
+        r.removed.append(f"BPF programs and pins {state.bpf_pin_dir}")
+        state.bpf_pin_dir = None
+        state.save()
+    except Exception as exc:  # noqa: BLE001 - any failure here must not stop the rest of the teardown
+        r.errors.append(f"releasing capture ({state.bpf_pin_dir}): {exc}")
+
+
+def _cni_del(state: LabState, pod: PodState, r: DownReport) -> None:
+    if not pod.cni_added:
+        return
+    # CNI_NETNS may be empty on DEL when the namespace is already gone (SPEC: DEL must still clean up IPAM).
+    netns = pod.netns if Path(pod.netns).exists() else ""
+    try:
+        notes = cniexec.delete(
+            state.conflist,
+            container_id=pod.container_id,
+            netns=netns,
+            ifname=pod.ifname,
+            cni_path=state.cni_path,
+            cached_result=pod.cni_result,
+        )
+        r.notes.extend(notes)
+        r.removed.append(f"CNI attachment of pod {pod.name}")
+        pod.cni_added = False
+        state.save()
+    except LabError as exc:
+        r.errors.append(f"pod {pod.name}: {exc}")
+
+
+def _step(r: DownReport, what: str, action) -> None:
+    try:
+        if action() is not False:
+            r.removed.append(what)
+    except (LabError, OSError, SysError) as exc:
+        r.errors.append(f"{what}: {exc}")
+
+
+def _remove_cgroup(path: str) -> bool:
+    if not Path(path).exists():
+        return False
+    cgroup.remove(path)
+    return True
+
+
+def _rmtree(path: str) -> bool:
+    if not Path(path).exists():
+        return False
+    shutil.rmtree(path)
+    return True
+
+
+def _teardown_by_convention(name: str, sdir: Path) -> DownReport:
+    """No state file (never created, or already removed): remove whatever still carries the lab's names."""
+    names = LabNames(name)
+    r = DownReport()
+    cg = cgroup.unified_root() / names.cgroup_dir
+    try:
+        proc.kill_cgroup(cg)
+    except proc.ProcessError as exc:
+        r.errors.append(str(exc))
+    for ns in host.netns_names():
+        if ns.startswith(names.netns_prefix):
+            _step(r, f"netns {ns}", lambda ns=ns: host.netns_delete(ns))
+    _step(r, f"cgroup {cg}", lambda: _remove_cgroup(str(cg)))
+    if names.bpf_pin_dir.exists():
+        r.errors.append(f"{names.bpf_pin_dir} exists but the lab state is gone; remove the pins by hand")
+    _step(r, f"state dir {sdir}", lambda: _rmtree(str(sdir)))
+    if r.errors:
+        raise LabError("lab down left things behind: " + "; ".join(r.errors))
+    return r
+
+
+# -------------------------------------------------------------------------------------------------- status
+
+
+def load(name: str, state_dir: Path | None = None) -> LabState:
+    check_name(name)
+    sdir = Path(state_dir) if state_dir else default_state_dir(name)
+    state = LabState.load(sdir)
+    if state is None:
+        raise LabError(f"no lab {name!r} (no state in {sdir}); create it with `meshcni lab up --name {name}`")
+    return state
+
+
+def status(state: LabState) -> dict:
+    pods = []
+    for pod in state.pods:
+        health = podproc.health(pod)
+        pods.append(
+            {
+                "name": pod.name,
+                "ip": pod.ip,
+                "netns": pod.netns,
+                "netns_present": Path(pod.netns).exists(),
+                "container_id": pod.container_id,
+                "processes": {
+                    n: {"pid": ref.pid, "alive": health[n]} for n, ref in sorted(pod.processes.items())
+                },
+                "healthy": bool(health) and all(health.values()),
+                "captured": pod.captured,
+            }
+        )
+    return {
+        "name": state.name,
+        "phase": state.phase,
+        "state_dir": state.state_dir,
+        "subnet": state.subnet,
+        "bridge": state.bridge,
+        "bridge_present": host.link_exists(state.bridge),
+        "cgroup": state.cgroup,
+        "capture": state.capture,
+        "bpf_pin_dir": state.bpf_pin_dir,
+        "pods": pods,
+        "healthy": state.phase == "ready" and all(p["healthy"] and p["netns_present"] for p in pods),
+    }
