@@ -88,9 +88,12 @@ def test_run_in_netns_drops_privileges_after_entering(netns_path):
     assert run("id", "-u").stdout.strip() == "1000"
     assert run("id", "-G").stdout.strip() == "1000"  # supplementary groups dropped too
     assert run("stat", "-L", "-c", "%i", "/proc/self/ns/net").stdout.strip() == str(ns_inode(netns_path))
-    proc = popen_in_netns(netns_path, ["sleep", "30"])
+    script = "stat -L -c %i /proc/self/ns/net; exec sleep 30"
+    proc = popen_in_netns(netns_path, ["sh", "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        assert ns_inode(f"/proc/{proc.pid}/ns/net") == ns_inode(netns_path)  # nsenter exec()s the program
+        # Once the program has printed, nsenter has entered; the pid is the program's (nsenter exec()s it).
+        assert proc.stdout.readline().strip() == str(ns_inode(netns_path))
+        assert ns_inode(f"/proc/{proc.pid}/ns/net") == ns_inode(netns_path)
     finally:
         proc.kill()
         proc.wait()
