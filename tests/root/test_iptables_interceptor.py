@@ -27,6 +27,7 @@ from meshcni.config import Mode, PodConfig
 from meshcni.datapath.interceptor import PodNet
 from meshcni.datapath.iptables import IptablesInterceptor
 from meshcni.sys.errors import NamespaceNotFound
+from meshcni.sys import iptables as ipt
 from meshcni.sys.iptables import parse_save
 from meshcni.sys.netns import in_netns, run_in_netns
 
@@ -418,3 +419,18 @@ def test_release_stops_redirecting(topo, listeners):
     assert connect_as(topo.pod, APP_UID, topo.peer_ip, 8080, "captured") == "outbound-proxy"
     interceptor.release(pod)
     assert connect_as(topo.pod, APP_UID, topo.peer_ip, 8080, "released") == "peer"
+
+
+def test_backend_detection_only_reads_the_host(monkeypatch):
+    monkeypatch.delenv(ipt.BACKEND_ENV, raising=False)
+    before = host_snapshot()
+    ipt._host_backend.cache_clear()
+    try:
+        detected = ipt.detect_backend()
+    finally:
+        ipt._host_backend.cache_clear()
+    assert host_snapshot() == before
+    nft = sum(ipt.count_rules(before[t]) for t in ("iptables-nft-save", "ip6tables-nft-save"))
+    legacy = sum(ipt.count_rules(before[t]) for t in ("iptables-legacy-save", "ip6tables-legacy-save"))
+    assert detected is ipt.choose_backend(nft, legacy)
+    assert IptablesInterceptor().backend is detected
