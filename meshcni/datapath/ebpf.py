@@ -1,0 +1,351 @@
+"""The eBPF interceptor: enrol pods into the pinned datapath, read their counters, and unload it all.
+
+`EbpfDatapath.load()` compiles and attaches (idempotently, see loader.py); `EbpfDatapath.open()` re-opens
+an already loaded datapath from its pins without compiling, which is what a CLI, a `lab down` or a restarted
+agent does. All pod state lives in the pinned maps themselves (netns cookie -> slot -> config), so any
+process can release a pod another one captured.
+
+Enrolment writes the pod's policy first and its membership key last, and undoes what it wrote if a later
+step fails: a pod is either fully captured or not at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+from pathlib import Path
+
+from meshcni.config import Mode, PodConfig
+from meshcni.datapath import layout as L
+from meshcni.datapath import listeners, loader
+from meshcni.datapath.interceptor import PodNet
+from meshcni.sys import bpf, cgroup as cgroups, netns
+from meshcni.sys.errors import BpfError, NamespaceNotFound
+
+SO_NETNS_COOKIE = 71  # Linux 5.14+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/meshcni"
+
+_MAPS = {
+    "mcni_pods_v1": (L.U64, L.U32),
+    "mcni_pod_config_v1": (L.U32, L.Pod),
+    "mcni_pod_ips_v1": (L.Ip, L.U32),
+    "mcni_ports_v1": (L.PortKey, L.U8),
+    "mcni_cidrs_v1": (L.CidrKey, L.U8),
+    "mcni_pair_origdst_v1": (L.Tuple, L.OrigDst),
+    "mcni_socks_v1": (L.Tuple, L.U32),
+    "mcni_listeners_v1": (L.U32, L.U64),
+}
+
+
+def netns_cookie(netns_path: str) -> int:
+    """The kernel's cookie of a network namespace, read from a socket made inside it."""
+    with netns.in_netns(netns_path):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    finally:
+        s.close()
+
+
+class EbpfDatapath:
+    """One loaded datapath: its pinned maps and programs, attached to one cgroup v2 directory."""
+
+    mode = Mode.EBPF
+
+    def __init__(self, pin_dir: Path, maps: dict[str, bpf.RawMap], counters: bpf.RawMap):
+        self.pin_dir = Path(pin_dir)
+        self.pins = loader.Pins(self.pin_dir)
+        self.maps = maps
+        self._counters = counters
+        self.max_pods = bpf.map_info(maps["mcni_pod_config_v1"].fd).max_entries
+
+    # --- life cycle -------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, pin_dir: str | os.PathLike = DEFAULT_PIN_DIR, cgroup: str | os.PathLike | None = None,
+             max_pods: int = loader.DEFAULT_MAX_PODS) -> "EbpfDatapath":
+        """Compile, pin and attach; safe to call again on a loaded datapath (nothing is attached twice).
+
+        `cgroup` is the cgroup v2 directory the programs see: the hierarchy's root in production, a private
+        cgroup in tests and the lab so that no host process is ever captured.
+        """
+        pin_dir = Path(pin_dir)
+        target = Path(cgroup) if cgroup else cgroups.unified_root()
+        loader.check_bpffs(pin_dir)
+        pins = loader.Pins(pin_dir)
+        pins.make_dirs()
+        cg_fd = cgroups.open_dir(target)
+        module, prog_fds = loader.compile_programs(pin_dir, max_pods=max_pods)
+        try:
+            for hook in loader.HOOKS:
+                loader.pin_program(pins, hook.name, prog_fds[hook.name])
+            dp = cls.open(pin_dir)
+            for hook in loader.HOOKS:
+                if hook.target == "cgroup":
+                    loader.ensure_link(pins.link(hook.name), prog_fds[hook.name], cg_fd, hook.attach_type,
+                                       f"{hook.name} to {target}")
+                elif hook.target == "sockhash":
+                    loader.ensure_link(pins.link(hook.name), prog_fds[hook.name], dp.maps["mcni_socks_v1"].fd,
+                                       hook.attach_type, f"{hook.name} to mcni_socks_v1")
+            # pods enrolled by an earlier load keep their sk_lookup links; move them to this program
+            for link in pins.links.glob("sk_lookup-netns-*"):
+                link_fd = bpf.obj_get(str(link))
+                try:
+                    if bpf.link_prog_id(link_fd) != bpf.prog_info(prog_fds["sk_lookup"]).id:
+                        bpf.link_update(link_fd, prog_fds["sk_lookup"], link.name)
+                finally:
+                    os.close(link_fd)
+            return dp
+        finally:
+            os.close(cg_fd)
+            module.cleanup()
+
+    @classmethod
+    def open(cls, pin_dir: str | os.PathLike = DEFAULT_PIN_DIR) -> "EbpfDatapath":
+        """Re-open a loaded datapath from its pins, without compiling anything."""
+        pin_dir = Path(pin_dir)
+        maps = {}
+        try:
+            for name, (k, v) in _MAPS.items():
+                maps[name] = bpf.RawMap(bpf.obj_get(str(pin_dir / name)), name, k, v)
+            counters = bpf.RawMap(bpf.obj_get(str(pin_dir / "mcni_counters_v1")), "mcni_counters_v1", L.U32,
+                                  L.percpu_counters_type())
+        except BpfError as exc:
+            for m in maps.values():
+                m.close()
+            if exc.errno == errno.ENOENT:
+                raise BpfError(f"no meshcni datapath is loaded at {pin_dir}", exc.errno) from exc
+            raise
+        return cls(pin_dir, maps, counters)
+
+    @staticmethod
+    def is_loaded(pin_dir: str | os.PathLike = DEFAULT_PIN_DIR) -> bool:
+        return (Path(pin_dir) / "mcni_pods_v1").exists()
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self._counters.close()
+
+    def unload(self) -> None:
+        """Detach every link and remove every pin of this datapath (pods are released with it)."""
+        for key, _slot in self.maps["mcni_pods_v1"].items():
+            self.maps["mcni_pods_v1"].delete(key)
+        for link in sorted(self.pins.links.glob("*")) if self.pins.links.exists() else []:
+            loader.remove_link(link, link.name)
+        self.close()
+        for sub in (self.pins.progs, self.pins.links):
+            if sub.exists():
+                for p in sub.iterdir():
+                    p.unlink()
+                sub.rmdir()
+        for p in list(self.pin_dir.iterdir()) if self.pin_dir.exists() else []:
+            p.unlink()
+        if self.pin_dir.exists():
+            self.pin_dir.rmdir()
+
+    # --- pods ---------------------------------------------------------------------------------------------
+
+    def capture(self, pod: PodNet, listener_fds: dict[int, int] | None = None) -> int:
+        """Enrol a pod; returns its slot. A pod that is already enrolled keeps its slot and gets `pod.config`.
+
+        `listener_fds` maps address family to the proxy's inbound listening socket; when omitted, the
+        listener the proxy bound itself in the pod's netns is found and duplicated.
+        """
+        netns.check_netns(pod.netns)
+        cookie = netns_cookie(pod.netns)
+        pods = self.maps["mcni_pods_v1"]
+        existing = pods.lookup(L.U64(cookie))
+        slot = existing.value if existing is not None else self._free_slot()
+        written: list[tuple[str, object]] = []
+        link_created = False
+        try:
+            self._write_policy(slot, pod.config, written)
+            self._write_config(slot, pod.config)
+            if existing is None:
+                self._counters.update(L.U32(slot), L.percpu_counters_type()())
+            for ip in pod.ips:
+                self.maps["mcni_pod_ips_v1"].update(L.Ip.of(ip), L.U32(slot))
+                written.append(("mcni_pod_ips_v1", L.Ip.of(ip)))
+            link_created = self._attach_sk_lookup(pod.netns, cookie)
+            self.register_listener(slot, pod, listener_fds)
+            pods.update(L.U64(cookie), L.U32(slot))  # last: this is what turns capture on
+        except BaseException:
+            if existing is None:
+                for name, key in written:
+                    self.maps[name].delete(key)
+                self._clear_slot(slot)
+                if link_created:
+                    loader.remove_link(self.pins.netns_link(cookie), "sk_lookup")
+            raise
+        return slot
+
+    def release(self, pod: PodNet) -> bool:
+        """Stop capturing a pod; returns whether it was enrolled. Works after its netns is gone."""
+        slot, cookie = self._find(pod)
+        if slot is None:
+            return False
+        if cookie is not None:
+            self.maps["mcni_pods_v1"].delete(L.U64(cookie))  # first: outbound capture stops here
+            loader.remove_link(self.pins.netns_link(cookie), "sk_lookup")
+        for key, value in self.maps["mcni_pod_ips_v1"].items():
+            if value.value == slot:
+                self.maps["mcni_pod_ips_v1"].delete(key)
+        self._clear_slot(slot)
+        return True
+
+    def verify(self, pod: PodNet) -> list[str]:
+        problems = []
+        try:
+            cookie = netns_cookie(pod.netns)
+        except NamespaceNotFound as exc:
+            return [str(exc)]
+        slot = self.maps["mcni_pods_v1"].lookup(L.U64(cookie))
+        if slot is None:
+            return [f"pod {pod.key} (netns {pod.netns}) is not enrolled"]
+        cfg = self.maps["mcni_pod_config_v1"].lookup(L.U32(slot.value))
+        want = _pod_struct(slot.value, pod.config)
+        if bytes(cfg) != bytes(want):
+            problems.append("the pod's settings in mcni_pod_config_v1 differ from its configuration")
+        for ip in pod.ips:
+            got = self.maps["mcni_pod_ips_v1"].lookup(L.Ip.of(ip))
+            if got is None or got.value != slot.value:
+                problems.append(f"pod IP {ip} is not mapped to the pod")
+        if not self.pins.netns_link(cookie).exists():
+            problems.append("no sk_lookup link is attached to the pod's netns")
+        if pod.config.mode is Mode.EBPF and self.maps["mcni_listeners_v1"].lookup(L.U32(slot.value * 2)) is None:
+            problems.append("no inbound proxy listener is registered")
+        for hook in loader.HOOKS:
+            if hook.target != "netns" and not self.pins.link(hook.name).exists():
+                problems.append(f"the {hook.name} program is not attached")
+        return problems
+
+    def register_listener(self, slot: int, pod: PodNet, listener_fds: dict[int, int] | None = None) -> int:
+        """Put the proxy's inbound listener(s) into the SOCKMAP; returns how many were registered."""
+        owned = listener_fds is None
+        fds = listeners.take_listeners(pod.netns, pod.config.inbound_port) if owned else listener_fds
+        try:
+            for family, fd in fds.items():
+                idx = slot * 2 + (1 if family == socket.AF_INET6 else 0)
+                self.maps["mcni_listeners_v1"].update(L.U32(idx), L.U64(fd))
+            return len(fds)
+        finally:
+            if owned:
+                for fd in fds.values():
+                    os.close(fd)  # the SOCKMAP holds the socket itself, not our descriptor
+
+    def slot_of(self, pod: PodNet) -> int | None:
+        return self._find(pod)[0]
+
+    def counters(self, pod: PodNet | int) -> dict[str, int]:
+        """Counters of a pod (or a slot), summed over CPUs."""
+        slot = pod if isinstance(pod, int) else self.slot_of(pod)
+        if slot is None:
+            raise BpfError(f"pod {pod.key} is not enrolled", errno.ENOENT)
+        per_cpu = self._counters.lookup(L.U32(slot))
+        totals = [sum(cpu.v[i] for cpu in per_cpu) for i in range(len(L.COUNTERS))]
+        return dict(zip(L.COUNTERS, totals))
+
+    def enrolled(self) -> dict[int, int]:
+        """netns cookie -> slot of every enrolled pod."""
+        return {k.value: v.value for k, v in self.maps["mcni_pods_v1"].items()}
+
+    def map_entries(self, name: str) -> int:
+        return len(self.maps[name].keys())
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _find(self, pod: PodNet) -> tuple[int | None, int | None]:
+        cookie = None
+        try:
+            cookie = netns_cookie(pod.netns)
+        except NamespaceNotFound:
+            pass
+        if cookie is not None:
+            slot = self.maps["mcni_pods_v1"].lookup(L.U64(cookie))
+            if slot is not None:
+                return slot.value, cookie
+        for ip in pod.ips:  # the netns is gone: the pod's IPs still name its slot
+            slot = self.maps["mcni_pod_ips_v1"].lookup(L.Ip.of(ip))
+            if slot is not None:
+                for c, s in self.enrolled().items():
+                    if s == slot.value:
+                        return slot.value, c
+                return slot.value, None
+        return None, cookie
+
+    def _free_slot(self) -> int:
+        used = set(self.enrolled().values())
+        used |= {v.value for _, v in self.maps["mcni_pod_ips_v1"].items()}
+        for slot in range(self.max_pods):
+            if slot not in used:
+                return slot
+        raise BpfError(f"all {self.max_pods} pod slots are in use", errno.ENOSPC)
+
+    def _write_config(self, slot: int, config: PodConfig) -> None:
+        self.maps["mcni_pod_config_v1"].update(L.U32(slot), _pod_struct(slot, config))
+
+    def _write_policy(self, slot: int, config: PodConfig, written: list) -> None:
+        # replace the slot's policy wholesale: stale entries from an earlier config must not survive
+        self._clear_policy(slot)
+        ports = self.maps["mcni_ports_v1"]
+        entries = [(p, L.DIR_INBOUND, L.POLICY_EXCLUDE) for p in config.effective_exclude_inbound_ports]
+        entries += [(p, L.DIR_INBOUND, L.POLICY_INCLUDE) for p in config.include_inbound_ports or ()]
+        entries += [(p, L.DIR_OUTBOUND, L.POLICY_EXCLUDE) for p in config.exclude_outbound_ports]
+        entries += [(p, L.DIR_OUTBOUND, L.POLICY_INCLUDE) for p in config.include_outbound_ports]
+        for port, direction, action in entries:
+            key = L.PortKey(slot=slot, port=port, dir=direction)
+            if direction == L.DIR_INBOUND and action == L.POLICY_INCLUDE and ports.lookup(key) is not None:
+                continue  # an exclusion of the same port wins, as in Istio
+            ports.update(key, L.U8(action))
+            written.append(("mcni_ports_v1", key))
+        cidrs = self.maps["mcni_cidrs_v1"]
+        for kind, nets in ((L.POLICY_EXCLUDE, config.exclude_outbound_cidrs),
+                           (L.POLICY_INCLUDE, config.include_outbound_cidrs or ())):
+            for net in nets:
+                key = L.CidrKey.of(slot, kind, net)
+                cidrs.update(key, L.U8(1))
+                written.append(("mcni_cidrs_v1", key))
+
+    def _clear_policy(self, slot: int) -> None:
+        for name in ("mcni_ports_v1", "mcni_cidrs_v1"):
+            for key in self.maps[name].keys():
+                if key.slot == slot:
+                    self.maps[name].delete(key)
+
+    def _clear_slot(self, slot: int) -> None:
+        self._clear_policy(slot)
+        self.maps["mcni_pod_config_v1"].update(L.U32(slot), L.Pod())
+        listeners_map = self.maps["mcni_listeners_v1"]
+        for idx in (slot * 2, slot * 2 + 1):
+            # a SOCKMAP answers EINVAL, not ENOENT, for an empty slot: look before deleting
+            if listeners_map.lookup(L.U32(idx)) is not None:
+                listeners_map.delete(L.U32(idx))
+
+    def _attach_sk_lookup(self, netns_path: str, cookie: int) -> bool:
+        """Attach the sk_lookup program to the pod's netns once; returns whether a link was created."""
+        path = self.pins.netns_link(cookie)
+        if path.exists():
+            return False
+        prog_fd = bpf.obj_get(str(self.pins.prog("sk_lookup")))
+        ns_fd = netns.netns_fd(netns_path)
+        try:
+            loader.ensure_link(path, prog_fd, ns_fd, bpf.ATTACH_SK_LOOKUP, f"sk_lookup to {netns_path}")
+        finally:
+            os.close(ns_fd)
+            os.close(prog_fd)
+        return True
+
+
+def _pod_struct(slot: int, config: PodConfig) -> L.Pod:
+    flags = L.F_SPLICE
+    if config.mode is Mode.EBPF:
+        flags |= L.F_CAPTURE_OUTBOUND | L.F_CAPTURE_INBOUND
+    if config.include_inbound_ports is None:
+        flags |= L.F_INBOUND_ALL_PORTS
+    if config.include_outbound_cidrs is None:
+        flags |= L.F_OUTBOUND_ALL_CIDRS
+    return L.Pod(slot=slot, flags=flags, proxy_uid=config.proxy_uid, proxy_gid=config.proxy_gid,
+                 outbound_port=config.outbound_port, inbound_port=config.inbound_port)

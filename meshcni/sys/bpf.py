@@ -1,0 +1,216 @@
+"""bpf(2) through libbpf: pinning, links, and map element access on raw file descriptors.
+
+bcc compiles and loads the programs, but everything that must outlive the loading process (pins, bpf_links)
+and everything the agent does on maps it re-opened from bpffs goes through these few libbpf calls. libbpf
+returns -errno (1.0 semantics), which becomes a `BpfError` naming the operation and its target. Only EEXIST
+on create and ENOENT on delete are ever tolerated, and only where the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as errno_mod
+import os
+from functools import lru_cache
+
+from meshcni.sys.errors import BpfError
+
+# enum bpf_attach_type (include/uapi/linux/bpf.h)
+ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_SK_MSG_VERDICT = 7
+ATTACH_CGROUP_INET4_CONNECT = 10
+ATTACH_CGROUP_INET6_CONNECT = 11
+ATTACH_CGROUP_GETSOCKOPT = 21
+ATTACH_SK_LOOKUP = 36
+
+# enum bpf_prog_type
+PROG_SOCK_OPS = 13
+PROG_SK_MSG = 16
+PROG_CGROUP_SOCK_ADDR = 18
+PROG_CGROUP_SOCKOPT = 25
+PROG_SK_LOOKUP = 30
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+
+class _ProgInfo(ctypes.Structure):
+    # the head of struct bpf_prog_info; the kernel fills only what fits in the size we pass
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class _LinkInfo(ctypes.Structure):
+    # the head of struct bpf_link_info
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("prog_id", ctypes.c_uint32)]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise BpfError(f"cannot load libbpf ({name}): {exc}; install libbpf1") from exc
+    vp, c_int, c_uint = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint
+    for fn, args in {
+        "bpf_obj_pin": [c_int, ctypes.c_char_p],
+        "bpf_obj_get": [ctypes.c_char_p],
+        "bpf_link_create": [c_int, c_int, c_uint, vp],
+        "bpf_link_update": [c_int, c_int, vp],
+        "bpf_link_detach": [c_int],
+        "bpf_map_lookup_elem": [c_int, vp, vp],
+        "bpf_map_update_elem": [c_int, vp, vp, ctypes.c_uint64],
+        "bpf_map_delete_elem": [c_int, vp],
+        "bpf_map_get_next_key": [c_int, vp, vp],
+        "bpf_obj_get_info_by_fd": [c_int, vp, ctypes.POINTER(ctypes.c_uint32)],
+        "bpf_prog_get_fd_by_id": [c_uint],
+    }.items():
+        f = getattr(lib, fn)
+        f.argtypes = args
+        f.restype = c_int
+    return lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = -rc if rc != -1 else (ctypes.get_errno() or errno_mod.EPERM)
+        raise BpfError(f"{what}: {os.strerror(err)}", err)
+    return rc
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib().bpf_obj_pin(fd, os.fsencode(path)), f"pin to {path}")
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned object; raises BpfError with errno ENOENT when nothing is pinned there."""
+    return _check(_lib().bpf_obj_get(os.fsencode(path)), f"open pinned {path}")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> int:
+    return _check(_lib().bpf_link_create(prog_fd, target_fd, attach_type, None), f"attach {what}")
+
+
+def link_update(link_fd: int, prog_fd: int, what: str) -> None:
+    """Atomically replace the program behind a link: no window without a program attached."""
+    _check(_lib().bpf_link_update(link_fd, prog_fd, None), f"update link {what}")
+
+
+def link_detach(link_fd: int, what: str) -> None:
+    try:
+        _check(_lib().bpf_link_detach(link_fd), f"detach {what}")
+    except BpfError as exc:
+        if exc.errno not in (errno_mod.ENOLINK, errno_mod.ENOENT):
+            raise
+
+
+def prog_info(fd: int) -> _ProgInfo:
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "program info")
+    return info
+
+
+def prog_tag(fd: int) -> str:
+    return bytes(prog_info(fd).tag).hex()
+
+
+def link_prog_id(fd: int) -> int:
+    info = _LinkInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "link info")
+    return info.prog_id
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+def map_info(fd: int) -> _MapInfo:
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return info
+
+
+class RawMap:
+    """Element access on a map fd with ctypes keys and values (value may be a per-CPU array type)."""
+
+    def __init__(self, fd: int, name: str, key_type, value_type, owns_fd: bool = True):
+        self.fd, self.name = fd, name
+        self.key_type, self.value_type = key_type, value_type
+        self._owns_fd = owns_fd
+
+    def lookup(self, key):
+        value = self.value_type()
+        rc = _lib().bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
+        if rc == -errno_mod.ENOENT:
+            return None
+        _check(rc, f"lookup in {self.name}")
+        return value
+
+    def update(self, key, value, flags: int = BPF_ANY) -> None:
+        _check(
+            _lib().bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), flags),
+            f"update {self.name}",
+        )
+
+    def delete(self, key, missing_ok: bool = True) -> bool:
+        rc = _lib().bpf_map_delete_elem(self.fd, ctypes.byref(key))
+        if rc == -errno_mod.ENOENT and missing_ok:
+            return False
+        _check(rc, f"delete from {self.name}")
+        return True
+
+    def keys(self) -> list:
+        out = []
+        prev = None
+        while True:
+            nxt = self.key_type()
+            rc = _lib().bpf_map_get_next_key(self.fd, ctypes.byref(prev) if prev is not None else None,
+                                             ctypes.byref(nxt))
+            if rc == -errno_mod.ENOENT:
+                return out
+            _check(rc, f"iterate {self.name}")
+            out.append(nxt)
+            prev = nxt
+
+    def items(self) -> list:
+        result = []
+        for k in self.keys():
+            v = self.lookup(k)
+            if v is not None:
+                result.append((k, v))
+        return result
+
+    def close(self) -> None:
+        if self._owns_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

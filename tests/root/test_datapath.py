@@ -1,0 +1,300 @@
+"""The eBPF datapath on the real kernel: two pods (network namespaces joined by a veth pair) with a stand-in
+sidecar proxy and app each, all processes inside a private cgroup v2 the programs are attached to.
+
+Nothing here touches the host's traffic: the programs see only the test cgroup, membership is by netns
+cookie, and every fixture detaches, unpins, kills and deletes what it made even when a test fails.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from meshcni.config import PodConfig
+from meshcni.datapath.ebpf import EbpfDatapath
+from meshcni.datapath.interceptor import PodNet
+from meshcni.sys import cgroup, proc
+from meshcni.sys.errors import NamespaceNotFound
+
+pytestmark = pytest.mark.root
+
+HERE = Path(__file__).resolve().parent
+SERVER = str(HERE / "probe_server.py")
+CLIENT = str(HERE / "probe_client.py")
+APP_UID = 1000
+PROXY_UID = 1337
+MiB = 1 << 20
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def node():
+    """A private cgroup and bpffs directory with the datapath loaded into them."""
+    tag = uuid.uuid4().hex[:8]
+    cg = cgroup.ensure(cgroup.unified_root() / f"meshcni-test-{tag}")
+    pin_dir = Path(f"/sys/fs/bpf/meshcni-test-{tag}")
+    dp = None
+    try:
+        dp = EbpfDatapath.load(pin_dir, cgroup=cg)
+        yield {"dp": dp, "cgroup": cg, "pin_dir": pin_dir}
+    finally:
+        if dp is not None:
+            dp.unload()
+        for pid in cgroup.pids(cg):
+            proc.stop(proc.ref(pid), grace=1)
+        cgroup.remove(cg)
+    assert not pin_dir.exists(), "the datapath left pins behind"
+    assert not cg.exists()
+
+
+class Pods:
+    """Two netns pods, A and B, on one /24 joined by a veth pair, with their processes."""
+
+    def __init__(self, node):
+        self.node = node
+        self.tag = uuid.uuid4().hex[:6]
+        n = int(self.tag[:2], 16)
+        self.ns = {p: f"mcni-dp-{self.tag}-{p}" for p in "ab"}
+        self.ip = {"a": f"10.241.{n}.1", "b": f"10.241.{n}.2"}
+        self.procs: list[subprocess.Popen] = []
+        for p in "ab":
+            sh("ip", "netns", "add", self.ns[p])
+            sh("ip", "-n", self.ns[p], "link", "set", "lo", "up")
+        sh("ip", "link", "add", f"mcv{self.tag}a", "netns", self.ns["a"], "type", "veth",
+           "peer", "name", f"mcv{self.tag}b", "netns", self.ns["b"])
+        for p in "ab":
+            sh("ip", "-n", self.ns[p], "addr", "add", f"{self.ip[p]}/24", "dev", f"mcv{self.tag}{p}")
+            sh("ip", "-n", self.ns[p], "link", "set", f"mcv{self.tag}{p}", "up")
+
+    def path(self, p: str) -> str:
+        return f"/var/run/netns/{self.ns[p]}"
+
+    def podnet(self, p: str, config: PodConfig | None = None) -> PodNet:
+        return PodNet(key=f"{self.tag}-{p}", netns=self.path(p), ips=(ipaddress.ip_address(self.ip[p]),),
+                      config=config or PodConfig(), name=p, namespace="test")
+
+    def start(self, p: str, uid: int, *listeners: str) -> None:
+        child = proc.spawn([sys.executable, SERVER, *listeners], netns=self.path(p), cgroup=self.node["cgroup"],
+                           uid=uid, gid=uid, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.procs.append(child)
+        assert child.stdout.readline().strip() == b"ready"
+
+    def sidecar(self, p: str, forward: bool) -> None:
+        mode = ":forward" if forward else ""
+        self.start(p, PROXY_UID, f"outbound=127.0.0.1:15001{mode}", f"inbound=0.0.0.0:15006{mode}")
+
+    def app(self, p: str) -> None:
+        self.start(p, APP_UID, "app8080=0.0.0.0:8080", "app15021=0.0.0.0:15021")
+
+    def connect(self, p: str, host: str, port: int, size: int = 0, uid: int = APP_UID, netns: bool = True) -> dict:
+        done = proc.run([sys.executable, CLIENT, host, str(port), str(size)],
+                        netns=self.path(p) if netns else None, cgroup=self.node["cgroup"], uid=uid, gid=uid)
+        result = json.loads(done.stdout)
+        assert "error" not in result, result
+        return result
+
+    def close(self) -> None:
+        for child in self.procs:
+            proc.stop(child, grace=1)
+        for p in "ab":
+            subprocess.run(["ip", "netns", "del", self.ns[p]], capture_output=True)
+
+
+@pytest.fixture
+def pods(node):
+    dp: EbpfDatapath = node["dp"]
+    before = {name: dp.map_entries(name) for name in ("mcni_pods_v1", "mcni_pod_ips_v1", "mcni_ports_v1")}
+    made = Pods(node)
+    try:
+        yield made
+    finally:
+        for p in "ab":
+            dp.release(made.podnet(p))
+        made.close()
+    after = {name: dp.map_entries(name) for name in before}
+    assert after == before, "a test leaked map entries"
+    assert not list(node["pin_dir"].glob("links/sk_lookup-netns-*")), "an sk_lookup link outlived its pod"
+
+
+def test_outbound_connect_lands_in_the_proxy_with_the_original_destination(node, pods):
+    pods.sidecar("a", forward=False)
+    pods.app("b")
+    pod_a = pods.podnet("a")
+    node["dp"].capture(pod_a)
+
+    got = pods.connect("a", pods.ip["b"], 8080, size=1000)
+
+    assert got["server"]["server"] == "outbound"
+    assert got["server"]["local"] == ["127.0.0.1", 15001]
+    assert got["server"]["original_dst"] == {"ip": pods.ip["b"], "port": 8080}
+    assert got["client_peer"] == ["127.0.0.1", 15001]
+    assert got["intact"] and got["received"] == 1000
+    assert node["dp"].counters(pod_a)["outbound_captured"] == 1
+
+
+def test_inbound_syn_is_steered_to_the_proxy_listener_keeping_the_original_destination(node, pods):
+    pods.sidecar("b", forward=False)
+    pods.app("b")
+    pod_b = pods.podnet("b")
+    node["dp"].capture(pod_b)
+
+    got = pods.connect("a", pods.ip["b"], 8080)
+    assert got["server"]["server"] == "inbound"
+    assert got["server"]["local"] == [pods.ip["b"], 8080]  # not rewritten: the local address IS the destination
+    assert got["server"]["peer"][0] == pods.ip["a"]
+
+    excluded = pods.connect("a", pods.ip["b"], 15021)  # Istio's health port is never captured
+    assert excluded["server"]["server"] == "app15021"
+    counters = node["dp"].counters(pod_b)
+    assert counters["inbound_steered"] == 1
+    assert counters["bypassed"] == 1
+
+
+def test_pod_to_pod_through_both_proxies_splices_a_mebibyte_each_way(node, pods):
+    for p in "ab":
+        pods.sidecar(p, forward=True)
+        pods.app(p)
+    pod_a, pod_b = pods.podnet("a"), pods.podnet("b")
+    node["dp"].capture(pod_a)
+    node["dp"].capture(pod_b)
+
+    got = pods.connect("a", pods.ip["b"], 8080, size=MiB)
+
+    assert got["server"]["server"] == "app8080"
+    assert got["server"]["local"] == [pods.ip["b"], 8080]
+    assert got["server"]["peer"][0] == "127.0.0.6"  # B's proxy passed it through
+    assert got["client_peer"] == ["127.0.0.1", 15001]
+    assert got["intact"] and got["received"] == MiB
+    a, b = node["dp"].counters(pod_a), node["dp"].counters(pod_b)
+    assert a["outbound_captured"] == 1 and b["inbound_steered"] == 1
+    # A's app sent 1 MiB (+ the proxies forwarded it); B's app echoed 1 MiB back: both directions spliced
+    assert a["bytes_spliced"] >= 2 * MiB
+    assert b["bytes_spliced"] >= 2 * MiB
+    assert a["errors"] == 0 and b["errors"] == 0
+
+
+def test_the_proxy_and_excluded_destinations_bypass(node, pods):
+    pods.sidecar("a", forward=False)
+    pods.app("b")
+    dp = node["dp"]
+    pod_a = pods.podnet("a", PodConfig(exclude_outbound_ports=(15021,),
+                                       exclude_outbound_cidrs=(ipaddress.ip_network(f"{pods.ip['b']}/32"),),
+                                       include_outbound_ports=(8080,)))
+    dp.capture(pod_a)
+
+    as_proxy = pods.connect("a", pods.ip["b"], 8080, uid=PROXY_UID)
+    assert as_proxy["server"]["server"] == "app8080"  # uid 1337 is never captured
+    by_port = pods.connect("a", pods.ip["b"], 15021)
+    assert by_port["server"]["server"] == "app15021"
+    # 8080 is an included port: captured even though B's address is in an excluded range (Istio's order)
+    included = pods.connect("a", pods.ip["b"], 8080)
+    assert included["server"]["server"] == "outbound"
+    counters = dp.counters(pod_a)
+    assert counters["outbound_captured"] == 1
+    assert counters["bypassed"] == 2
+
+    dp.capture(pods.podnet("a", PodConfig(exclude_outbound_cidrs=(ipaddress.ip_network(f"{pods.ip['b']}/32"),))))
+    by_cidr = pods.connect("a", pods.ip["b"], 8080)
+    assert by_cidr["server"]["server"] == "app8080"
+
+
+def test_unenrolled_namespaces_and_the_host_are_untouched(node, pods):
+    pods.sidecar("a", forward=False)
+    pods.app("b")
+    dp = node["dp"]
+    pod_a = pods.podnet("a")
+    dp.capture(pod_a)
+    origdst_before = dp.map_entries("mcni_pair_origdst_v1")
+
+    # B is not enrolled: its own connect() to a non-loopback address goes straight through
+    from_b = pods.connect("b", pods.ip["b"], 8080)
+    assert from_b["server"]["server"] == "app8080"
+    assert from_b["client_peer"] == [pods.ip["b"], 8080]
+
+    # a host process inside the very cgroup the programs are attached to is not captured either
+    host_server = proc.spawn([sys.executable, SERVER, "host=127.0.0.1:0"], stdout=subprocess.PIPE)
+    try:
+        assert host_server.stdout.readline().strip() == b"ready"
+        port = _listening_port(host_server.pid)
+        from_host = pods.connect("a", "127.0.0.1", port, netns=False)
+        assert from_host["server"]["server"] == "host"
+        assert from_host["client_peer"] == ["127.0.0.1", port]
+    finally:
+        proc.stop(host_server, grace=1)
+    assert dp.counters(pod_a)["outbound_captured"] == 0
+    assert dp.map_entries("mcni_pair_origdst_v1") == origdst_before
+
+
+def test_release_restores_direct_behaviour(node, pods):
+    pods.sidecar("a", forward=False)
+    pods.sidecar("b", forward=False)
+    pods.app("b")
+    dp = node["dp"]
+    pod_a, pod_b = pods.podnet("a"), pods.podnet("b")
+    dp.capture(pod_a)
+    dp.capture(pod_b)
+    assert pods.connect("a", pods.ip["b"], 8080)["server"]["server"] == "outbound"
+
+    assert dp.release(pod_a) and dp.release(pod_b)
+    direct = pods.connect("a", pods.ip["b"], 8080)
+    assert direct["server"]["server"] == "app8080"
+    assert direct["client_peer"] == [pods.ip["b"], 8080]
+    assert dp.release(pod_a) is False  # releasing twice is fine
+
+
+def test_double_enrol_is_a_no_op_and_a_missing_netns_is_refused_cleanly(node, pods):
+    pods.sidecar("a", forward=False)
+    dp = node["dp"]
+    pod_a = pods.podnet("a")
+    slot = dp.capture(pod_a)
+    entries = {n: dp.map_entries(n) for n in ("mcni_pods_v1", "mcni_pod_ips_v1", "mcni_ports_v1")}
+    links = sorted(p.name for p in node["pin_dir"].glob("links/*"))
+
+    assert dp.capture(pod_a) == slot
+    assert {n: dp.map_entries(n) for n in entries} == entries
+    assert sorted(p.name for p in node["pin_dir"].glob("links/*")) == links
+    assert dp.verify(pod_a) == []
+
+    ghost = PodNet(key="ghost", netns="/var/run/netns/mcni-does-not-exist", ips=(ipaddress.ip_address("10.9.9.9"),))
+    with pytest.raises(NamespaceNotFound):
+        dp.capture(ghost)
+    not_a_netns = PodNet(key="file", netns=SERVER, ips=(ipaddress.ip_address("10.9.9.8"),))
+    with pytest.raises(NamespaceNotFound):
+        dp.capture(not_a_netns)
+    assert {n: dp.map_entries(n) for n in entries} == entries
+
+
+def test_loading_twice_never_duplicates_an_attachment(node):
+    def attached() -> list[str]:
+        out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(node["cgroup"])], check=True,
+                             capture_output=True, text=True).stdout
+        return sorted(f"{p['attach_type']}:{p['name']}" for p in json.loads(out or "[]"))
+
+    first = attached()
+    assert len(first) == 4  # connect4, connect6, sockops, getsockopt
+    again = EbpfDatapath.load(node["pin_dir"], cgroup=node["cgroup"])
+    try:
+        assert attached() == first
+        assert again.enrolled() == node["dp"].enrolled()
+    finally:
+        again.close()
+
+
+def _listening_port(pid: int) -> int:
+    import psutil
+
+    for _ in range(100):
+        conns = [c for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        if conns:
+            return conns[0].laddr.port
+    raise AssertionError("the host server never listened")
