@@ -70,8 +70,8 @@ def in_netns(path: str | os.PathLike) -> Iterator[None]:
     """Run the block with the *current thread* inside the network namespace at `path`.
 
     Threads already running stay where they are; a thread *started* inside the block inherits the pod's
-    namespace (clone(2) copies the creating thread's). The thread's original namespace is restored on exit, even when the
-    block raises; if restoring itself fails the thread would silently keep talking in the pod's namespace,
+    namespace (clone(2) copies the creating thread's). The thread's original namespace is restored on exit,
+    even when the block raises; if restoring itself fails the thread would silently keep talking in the pod's namespace,
     so that is raised as SysError rather than ignored.
     """
     target = netns_fd(path)

@@ -404,7 +404,8 @@ def test_excluded_outbound_port_and_cidr_bypass_the_proxy(topo, listeners):
     pod = topo.podnet(iptables_config(include_outbound_cidrs=(ipaddress.ip_network("10.99.0.0/16"),)))
     interceptor.capture(pod)
     assert connect_as(topo.pod, APP_UID, topo.peer_ip, 8080, "not-included") == "peer-8080"
-    pod = topo.podnet(iptables_config(include_outbound_cidrs=(ipaddress.ip_network(f"{topo.peer_ip}/24", strict=False),)))
+    peer_subnet = ipaddress.ip_network(f"{topo.peer_ip}/24", strict=False)
+    pod = topo.podnet(iptables_config(include_outbound_cidrs=(peer_subnet,)))
     interceptor.capture(pod)
     assert connect_as(topo.pod, APP_UID, topo.peer_ip, 8080, "included") == "outbound-proxy"
     assert [a.token for a in proxy.seen] == ["port-captured", "included"]

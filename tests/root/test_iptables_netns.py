@@ -1,6 +1,7 @@
 """Root tests for meshcni.sys.netns, which the iptables interceptor and its tests stand on: `in_netns`
-moves only the calling thread (threads it starts inside inherit it, as clone(2) does) and always moves it back, and `run_in_netns` enters before dropping to the
-requested uid/gid."""
+moves only the calling thread (threads it starts inside inherit it, as clone(2) does) and always moves it
+back, a socket keeps the netns it was made in, and `run_in_netns` enters before dropping to the requested
+uid/gid."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from meshcni.datapath.iptables import (
     release_document,
     render_rules,
 )
-from meshcni.sys.iptables import Family, parse_save
+from meshcni.sys.iptables import Family, Table, parse_save
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "iptables"
 P = "traffic.sidecar.istio.io/"
@@ -179,7 +179,7 @@ COMMIT
 """
 
 
-def live_with_capture(config: PodConfig, extra_jumps: int = 0) -> "Table":  # noqa: F821
+def live_with_capture(config: PodConfig, extra_jumps: int = 0) -> Table:
     """The nat table as iptables-save would show it after our rules were applied to FOREIGN."""
     table = parse_save(FOREIGN, "nat")
     for rule in build_rules(config, Family.IPV4):
