@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from meshcni.config import PodConfig
 from meshcni.datapath.interceptor import PodNet
-from meshcni.lab import cni, cniexec, haproxy, host, pod as podproc
+from meshcni.lab import cni, haproxy, host, pod as podproc
 from meshcni.lab.state import (
     DEFAULT_STATE_ROOT,
     LabError,
@@ -178,6 +178,7 @@ def _build(opts: LabOptions, state: LabState, names: LabNames, datapath_cls) -> 
     (conf_dir / f"{state.conflist['name']}.conflist").write_text(json.dumps(state.conflist, indent=2) + "\n")
     state.save()
 
+    rt = cni.runtime(state.cni_path, state.state_dir)
     for i in range(opts.pods):
         netns_name = names.netns(i)
         pod = PodState(
@@ -188,16 +189,7 @@ def _build(opts: LabOptions, state: LabState, names: LabNames, datapath_cls) -> 
         host.netns_add(netns_name)
         pod.cni_added = True
         state.save()
-        result = cniexec.add(
-            state.conflist,
-            container_id=pod.container_id,
-            netns=pod.netns,
-            ifname=pod.ifname,
-            cni_path=state.cni_path,
-            # IgnoreUnknown=1 as kubelet sends it: the reference plugins reject K8S_* args they do not know otherwise.
-            cni_args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE={LAB_NAMESPACE};K8S_POD_NAME={pod.name}",
-        )
-        pod.cni_result = result
+        result = cni.add(rt, state.conflist, _attachment(pod, pod.netns))
         pod.ip, pod.mac = cni.pod_address(result, pod.ifname)
         state.save()
 
@@ -209,12 +201,19 @@ def _build(opts: LabOptions, state: LabState, names: LabNames, datapath_cls) -> 
         state.bpf_pin_dir = str(names.bpf_pin_dir)
         state.save()
         dp = datapath_cls.load(pin_dir=state.bpf_pin_dir, cgroup=state.cgroup)
-        for pod in state.pods:
-            pod.captured = True  # recorded first: a capture that fails half-way still gets released
-            state.save()
-            dp.capture(pod_net(pod))
+        try:
+            for pod in state.pods:
+                pod.captured = True  # recorded first: a capture that fails half-way still gets released
+                state.save()
+                dp.capture(pod_net(pod))
+        finally:
+            dp.close()
     state.phase = "ready"
     state.save()
+
+
+def _attachment(pod: PodState, netns: str):
+    return cni.attachment(pod.container_id, netns, pod.ifname, pod.name, LAB_NAMESPACE)
 
 
 def lab_pod_config() -> PodConfig:
@@ -287,18 +286,29 @@ def teardown(state: LabState) -> DownReport:
     return r
 
 
+def datapath(state: LabState):
+    """The lab's loaded datapath, re-opened from its pins (no compiling); the caller closes it."""
+    return _datapath_class().open(state.bpf_pin_dir)
+
+
 def _release_capture(state: LabState, r: DownReport) -> None:
     if not state.bpf_pin_dir:
         return
     try:
         dp_cls = _datapath_class()
-        dp = dp_cls.load(pin_dir=state.bpf_pin_dir, cgroup=state.cgroup)
+        if dp_cls.is_loaded(state.bpf_pin_dir):
+            dp = dp_cls.open(state.bpf_pin_dir)
+            for pod in state.pods:
+                if pod.captured:
+                    dp.release(pod_net(pod))
+            dp.unload()  # detaches every link and removes every pin
+            r.removed.append(f"BPF programs and pins {state.bpf_pin_dir}")
+        elif Path(state.bpf_pin_dir).exists():
+            # A load that failed before its maps were pinned can still have left program pins behind.
+            shutil.rmtree(state.bpf_pin_dir)
+            r.removed.append(f"partial BPF pins {state.bpf_pin_dir}")
         for pod in state.pods:
-            if pod.captured:
-                dp.release(pod_net(pod))
-                pod.captured = False
-        dp.unload()
-        r.removed.append(f"BPF programs and pins {state.bpf_pin_dir}")
+            pod.captured = False
         state.bpf_pin_dir = None
         state.save()
     except Exception as exc:  # noqa: BLE001 - any failure here must not stop the rest of the teardown
@@ -311,14 +321,7 @@ def _cni_del(state: LabState, pod: PodState, r: DownReport) -> None:
     # CNI_NETNS may be empty on DEL when the namespace is already gone (SPEC: DEL must still clean up IPAM).
     netns = pod.netns if Path(pod.netns).exists() else ""
     try:
-        notes = cniexec.delete(
-            state.conflist,
-            container_id=pod.container_id,
-            netns=netns,
-            ifname=pod.ifname,
-            cni_path=state.cni_path,
-            cached_result=pod.cni_result,
-        )
+        notes = cni.delete(cni.runtime(state.cni_path, state.state_dir), state.conflist, _attachment(pod, netns))
         r.notes.extend(notes)
         r.removed.append(f"CNI attachment of pod {pod.name}")
         pod.cni_added = False

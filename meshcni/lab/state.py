@@ -77,7 +77,6 @@ class PodState:
     ip: str | None = None
     mac: str | None = None
     cni_added: bool = False  # ADD was attempted: DEL must run even if ADD failed half-way (CNI spec)
-    cni_result: dict | None = None  # the cached ADD result, handed to DEL as prevResult
     processes: dict[str, ProcessRef] = field(default_factory=dict)
     captured: bool = False
 

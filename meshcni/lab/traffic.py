@@ -1,0 +1,82 @@
+"""Traffic from inside a lab pod, and the evidence the lab can read back (proxy stats, capture counters).
+
+`request`/`echo` start `meshcni.lab.client` in the source pod's netns and the lab cgroup as the app uid (not
+1337), so each connection is one the capture datapath is meant to intercept, and return the client's JSON
+report. `proxy_stats` reads each sidecar's `show stat`; `capture_counters` reads the datapath's per-pod
+counters when the lab captures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from meshcni.lab import haproxy
+from meshcni.lab import pod as podproc
+from meshcni.lab.state import LabError, LabState, PodState
+from meshcni.sys import proc
+
+CLIENT_TIMEOUT = 60.0
+
+
+def run_client(state: LabState, src: PodState, args: list[str], uid: int = podproc.APP_UID) -> dict:
+    """Run the lab client in `src` with `args`; returns its JSON report (which may carry an "error")."""
+    cp = proc.run(
+        [sys.executable, "-m", "meshcni.lab.client", *args],
+        netns=src.netns,
+        cgroup=state.cgroup,
+        uid=uid,
+        gid=uid,
+        cwd="/",
+        timeout=CLIENT_TIMEOUT,
+    )
+    out = cp.stdout.decode(errors="replace").strip()
+    try:
+        report = json.loads(out.splitlines()[-1]) if out else None
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        err = cp.stderr.decode(errors="replace").strip()
+        raise LabError(f"the lab client in pod {src.name} failed (exit {cp.returncode}): {err[-500:] or out[-500:]}")
+    report["from"] = src.name
+    return report
+
+
+def request(
+    state: LabState, src: PodState, host: str, port: int, path: str = "/", *, method: str = "GET", body_bytes: int = 0
+) -> dict:
+    args = ["http", host, str(port), path, "--method", method]
+    if body_bytes:
+        args += ["--body-bytes", str(body_bytes)]
+    return run_client(state, src, args)
+
+
+def echo(state: LabState, src: PodState, host: str, port: int, nbytes: int) -> dict:
+    return run_client(state, src, ["tcp", host, str(port), "--bytes", str(nbytes)])
+
+
+def proxy_headers(report: dict) -> list[str]:
+    """The x-meshcni-proxy values of a response, in the order they arrived (innermost proxy first)."""
+    return [v for k, v in report.get("headers", []) if k == haproxy.PROXY_HEADER]
+
+
+def proxy_stats(state: LabState) -> dict[str, dict]:
+    out = {}
+    for pod in state.pods:
+        try:
+            out[pod.name] = haproxy.stats(podproc.proxy_socket(state, pod))
+        except LabError as exc:
+            out[pod.name] = {"error": str(exc)}
+    return out
+
+
+def capture_counters(state: LabState) -> dict[str, dict[str, int]] | None:
+    if not state.bpf_pin_dir:
+        return None
+    from meshcni.lab.lab import datapath, pod_net  # the datapath is optional; import it only when captured
+
+    dp = datapath(state)
+    try:
+        return {pod.name: dp.counters(pod_net(pod)) for pod in state.pods if pod.captured}
+    finally:
+        dp.close()
