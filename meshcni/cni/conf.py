@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from meshcni.cni import protocol, spec
@@ -26,34 +25,65 @@ _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _IFNAME_MAX = 15  # IFNAMSIZ - 1
 
 
-@dataclass(frozen=True)
 class Invocation:
     """The CNI_* environment of one exec."""
 
-    command: str
-    container_id: str = ""
-    netns: str = ""
-    ifname: str = ""
-    cni_args: dict[str, str] = field(default_factory=dict)
-    path: str = ""
+    # A plain slotted class rather than a dataclass: dataclasses pulls in inspect (~7 ms per exec).
+    __slots__ = ("command", "container_id", "netns", "ifname", "cni_args", "path")
+
+    def __init__(
+        self,
+        command: str,
+        container_id: str = "",
+        netns: str = "",
+        ifname: str = "",
+        cni_args: dict[str, str] | None = None,
+        path: str = "",
+    ):
+        self.command = command
+        self.container_id = container_id
+        self.netns = netns
+        self.ifname = ifname
+        self.cni_args = dict(cni_args or {})
+        self.path = path
 
 
-@dataclass(frozen=True)
 class PluginConfig:
     """The validated network config; `raw` keeps every key so the agent sees the whole plugin config."""
 
-    cni_version: str
-    name: str
-    agent_socket: str
-    failure_policy: str
-    pending_dir: str
-    log_file: str
-    log_level: str
-    connect_timeout: float
-    request_timeout: float
-    prev_result: dict[str, Any] | None  # normalised (internal layout), None when absent
-    valid_attachments: list[tuple[str, str]] | None
-    raw: dict[str, Any]
+    __slots__ = (
+        "cni_version", "name", "agent_socket", "failure_policy", "pending_dir", "log_file", "log_level",
+        "connect_timeout", "request_timeout", "prev_result", "valid_attachments", "raw",
+    )
+
+    def __init__(
+        self,
+        *,
+        cni_version: str,
+        raw: dict[str, Any],
+        name: str = "",
+        agent_socket: str = protocol.DEFAULT_SOCKET,
+        failure_policy: str = "closed",
+        pending_dir: str = protocol.DEFAULT_PENDING_DIR,
+        log_file: str = "",
+        log_level: str = "info",
+        connect_timeout: float = 1.0,
+        request_timeout: float = 10.0,
+        prev_result: dict[str, Any] | None = None,  # normalised (internal layout), None when absent
+        valid_attachments: list[tuple[str, str]] | None = None,
+    ):
+        self.cni_version = cni_version
+        self.raw = raw
+        self.name = name
+        self.agent_socket = agent_socket
+        self.failure_policy = failure_policy
+        self.pending_dir = pending_dir
+        self.log_file = log_file
+        self.log_level = log_level
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.prev_result = prev_result
+        self.valid_attachments = valid_attachments
 
     def forwarded(self) -> dict[str, Any]:
         """The config the agent receives: everything but the (separately forwarded) previous result."""
