@@ -169,6 +169,10 @@ class NoConfig:
     skipped: tuple[tuple[Path, str], ...] = ()
 
 
+class _Unconvertible(InvalidConfig):
+    """A valid primary we cannot convert: the runtime does load it, so it is refused, never skipped."""
+
+
 def _read_candidate(path: Path) -> tuple[bytes, int] | None:
     try:
         st = os.lstat(path)
@@ -194,7 +198,7 @@ def _evaluate(path: Path, managed_target: Path | None) -> Primary | None:
     doc = parse(path, data)
     target = conflist_path(path)
     if target != path and target.exists() and target != managed_target:
-        raise InvalidConfig(str(path), f"converting it would overwrite {target.name}, which meshcni did not write")
+        raise _Unconvertible(str(path), f"converting it would overwrite {target.name}, which meshcni did not write")
     return Primary(source=path, target=target, data=data, doc=doc, mode=mode)
 
 
@@ -234,7 +238,7 @@ def select_primary(conf_dir: Path, conf_name: str | None = None,
         try:
             primary = _evaluate(path, managed_target)
         except InvalidConfig as exc:
-            if path in (managed_target, managed_source):
+            if path in (managed_target, managed_source) or isinstance(exc, _Unconvertible):
                 return Refused(path, exc.reason)
             skipped.append((path, exc.reason))
             continue
