@@ -21,6 +21,7 @@ def _register() -> None:
     from meshcni.cli import lab as lab_cli
 
     main.add_command(lab_cli.lab)
+    from meshcni.cli import install as install_cli; main.add_command(install_cli.install_cni)
 
 
 _register()
