@@ -112,18 +112,39 @@ def _bulk_get(state: LabState, src: PodState, dst: PodState) -> dict:
 
 
 def _echo(state: LabState, src: PodState, dst: PodState, host: str, port: int) -> dict:
+    # Raw TCP carries no header to name the proxies, so the sidecars' session totals are the evidence.
+    before = traffic.proxy_stats(state)
     rep = traffic.echo(state, src, host, port, BULK_BYTES)
+    after = traffic.proxy_stats(state)
+    hops = {
+        f"{src.name}-outbound": _delta(before, after, src.name, "outbound"),
+        f"{dst.name}-inbound": _delta(before, after, dst.name, "inbound"),
+    }
+    want = 1 if state.capture else 0
     problems = [rep["error"]] if "error" in rep else []
     if not problems and (rep["received_bytes"] != BULK_BYTES or rep["received_sha256"] != rep["sent_sha256"]):
-        problems.append(f"echoed {rep['received_bytes']} bytes, digest {'matches' if rep['received_sha256'] == rep['sent_sha256'] else 'differs'}")
+        same = rep["received_sha256"] == rep["sent_sha256"]
+        problems.append(f"echoed {rep['received_bytes']} bytes, digest {'matches' if same else 'differs'}")
+    for hop, n in hops.items():
+        if n != want:
+            problems.append(f"{hop} proxy took {n} sessions, expected {want}")
     return {
         "name": f"{src.name} -> {dst.name} TCP echo 1 MiB to {host}:{port}",
         "from": src.name,
         "to": dst.name,
         "bytes": rep.get("received_bytes"),
+        "proxies": [hop for hop, n in hops.items() if n],
+        "expected_proxies": [hop for hop in hops] if state.capture else [],
         "problems": problems,
         "ok": not problems,
     }
+
+
+def _delta(before: dict, after: dict, pod: str, frontend: str) -> int | None:
+    try:
+        return after[pod]["frontends"][frontend] - before[pod]["frontends"][frontend]
+    except KeyError:
+        return None  # a stats socket that did not answer: reported as a mismatch
 
 
 def _field(body: str, key: str) -> str | None:
@@ -149,6 +170,7 @@ def render_status(d: dict) -> str:
         if p["captured"]:
             flags.append("captured")
         lines.append(f"  pod {p['name']:<3} {p['ip'] or '-':<15} {procs}  {' '.join(flags)}".rstrip())
+        lines += [f"      capture problem: {x}" for x in p.get("capture_problems", [])]
     return "\n".join(lines)
 
 

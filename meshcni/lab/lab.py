@@ -376,6 +376,21 @@ def _teardown_by_convention(name: str, sdir: Path) -> DownReport:
 # -------------------------------------------------------------------------------------------------- status
 
 
+def _capture_problems(state: LabState) -> dict[str, list[str]]:
+    """What the datapath says is wrong with each captured pod's capture (empty lists when all is in place)."""
+    captured = [p for p in state.pods if p.captured]
+    if not captured or not state.bpf_pin_dir:
+        return {}
+    try:
+        dp = datapath(state)
+    except (LabError, SysError) as exc:
+        return {p.name: [f"cannot open the datapath: {exc}"] for p in captured}
+    try:
+        return {p.name: dp.verify(pod_net(p)) for p in captured}
+    finally:
+        dp.close()
+
+
 def load(name: str, state_dir: Path | None = None) -> LabState:
     check_name(name)
     sdir = Path(state_dir) if state_dir else default_state_dir(name)
@@ -386,6 +401,7 @@ def load(name: str, state_dir: Path | None = None) -> LabState:
 
 
 def status(state: LabState) -> dict:
+    problems = _capture_problems(state)
     pods = []
     for pod in state.pods:
         health = podproc.health(pod)
@@ -399,8 +415,9 @@ def status(state: LabState) -> dict:
                 "processes": {
                     n: {"pid": ref.pid, "alive": health[n]} for n, ref in sorted(pod.processes.items())
                 },
-                "healthy": bool(health) and all(health.values()),
+                "healthy": bool(health) and all(health.values()) and not problems.get(pod.name),
                 "captured": pod.captured,
+                "capture_problems": problems.get(pod.name, []),
             }
         )
     return {
