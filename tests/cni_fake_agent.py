@@ -44,7 +44,9 @@ class FakeAgent:
         self._server = _Server(self.socket_path, _Handler)
         self._server.agent = self
         os.chmod(self.socket_path, 0o600)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-agent", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-agent", daemon=True
+        )
         self._thread.start()
         return self
 
