@@ -25,10 +25,17 @@ int mcni_redir(struct sk_msg_md *msg)
 	__u64 netns = bpf_get_netns_cookie(msg);
 	mcni_tuple_scope(&self, netns);
 
+	if (mcni_nosplice_v1.lookup(&self))
+		return SK_PASS;
+
 	struct mcni_tuple peer;
 	mcni_tuple_reverse(&self, &peer);
 	long verdict = mcni_socks_v1.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
-	if (verdict == SK_PASS) {
+	if (verdict != SK_PASS) {
+		/* the peer is not (yet) in the map: this message takes TCP, and so must every later one */
+		__u8 one = 1;
+		mcni_nosplice_v1.update(&self, &one);
+	} else {
 		__u32 *slot = mcni_pods_v1.lookup(&netns);
 		if (slot) {
 			mcni_count(*slot, MCNI_CTR_MSGS_SPLICED, 1);

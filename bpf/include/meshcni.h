@@ -159,6 +159,10 @@ struct mcni_socks_v1_table_t {
 };
 __attribute__((section("maps/sockhash:" MCNI_PIN(mcni_socks_v1))))
 struct mcni_socks_v1_table_t mcni_socks_v1 = { .max_entries = MCNI_MAX_CONNS };
+/* tuple of a socket that sent data the normal way once: it must never be spliced afterwards, or its peer
+ * would read spliced bytes ahead of bytes still queued in TCP (the peer's receive path reads the sk_msg
+ * queue first). Cleared when the socket closes; LRU bounds it if a close is missed. */
+BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, __u8, mcni_nosplice_v1, MCNI_MAX_CONNS, MCNI_PIN(mcni_nosplice_v1));
 /* slot*2 + (IPv6 ? 1 : 0) -> the proxy's inbound listening socket, for sk_lookup. */
 BPF_TABLE_PINNED("sockmap", __u32, __u64, mcni_listeners_v1, MCNI_MAX_PODS * 2, MCNI_PIN(mcni_listeners_v1));
 /* slot -> counters. */

@@ -160,7 +160,7 @@ def test_inbound_syn_is_steered_to_the_proxy_listener_keeping_the_original_desti
     assert counters["bypassed"] == 1
 
 
-def test_pod_to_pod_through_both_proxies_splices_a_mebibyte_each_way(node, pods):
+def test_pod_to_pod_through_both_proxies_carries_a_mebibyte_each_way_intact(node, pods):
     for p in "ab":
         pods.sidecar(p, forward=True)
         pods.app(p)
@@ -174,12 +174,11 @@ def test_pod_to_pod_through_both_proxies_splices_a_mebibyte_each_way(node, pods)
     assert got["server"]["local"] == [pods.ip["b"], 8080]
     assert got["server"]["peer"][0] == "127.0.0.6"  # B's proxy passed it through
     assert got["client_peer"] == ["127.0.0.1", 15001]
-    assert got["intact"] and got["received"] == MiB
+    assert (got["intact"], got["received"]) == (True, MiB), got
     a, b = node["dp"].counters(pod_a), node["dp"].counters(pod_b)
     assert a["outbound_captured"] == 1 and b["inbound_steered"] == 1
-    # A's app sent 1 MiB (+ the proxies forwarded it); B's app echoed 1 MiB back: both directions spliced
-    assert a["bytes_spliced"] >= 2 * MiB
-    assert b["bytes_spliced"] >= 2 * MiB
+    # splicing is off by default (it truncated bulk streams on this kernel): nothing may have been spliced
+    assert a["bytes_spliced"] == 0 and b["bytes_spliced"] == 0
     assert a["errors"] == 0 and b["errors"] == 0
 
 
