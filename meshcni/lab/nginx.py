@@ -18,12 +18,12 @@ APP_PORTS = (80, 8080)
 PAYLOAD_SIZES = (1024, 65536, 1 << 20)
 NGINX_BIN = "/usr/sbin/nginx"
 WORKER_UID = 65534  # nginx's workers run as nobody; only the master is root (to bind port 80)
-_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
 def render(pod: str, ip: str, pod_dir: Path) -> str:
     tmp = pod_dir / "nginx-tmp"
-    temp_lines = "\n".join(f"    {name}_temp_path {tmp / name};" for name in _TEMP_DIRS)
+    temp_lines = "\n".join(f"    {name}_temp_path {tmp / name};" for name in TEMP_DIRS)
     listens = "\n".join(f"        listen {port};" for port in APP_PORTS)
     return f"""# Written by meshcni lab for pod {pod}; every path is under {pod_dir}.
 daemon off;
@@ -70,7 +70,7 @@ def write(pod: str, ip: str, pod_dir: Path) -> Path:
     www.mkdir(parents=True, exist_ok=True)
     for size in PAYLOAD_SIZES:
         (www / str(size)).write_bytes(payload(size))
-    for name in _TEMP_DIRS:
+    for name in TEMP_DIRS:
         d = pod_dir / "nginx-tmp" / name
         d.mkdir(parents=True, exist_ok=True)
         os.chown(d, WORKER_UID, WORKER_UID)

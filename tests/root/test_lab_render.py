@@ -68,8 +68,10 @@ def test_nginx_config_keeps_every_path_under_the_pod_dir():
     from pathlib import Path
 
     text = nginx.render("b", "10.0.0.3", Path("/lab/pods/b"))
-    paths = [w.rstrip(";") for w in text.split() if w.startswith("/")]
-    assert paths and all(p.startswith("/lab/pods/b") for p in paths)
+    file_directives = ("pid", "error_log", "root") + tuple(f"{t}_temp_path" for t in nginx.TEMP_DIRS)
+    paths = [ln.split()[1].rstrip(";") for ln in text.splitlines() if ln.split()[:1] and ln.split()[0] in file_directives]
+    assert len(paths) == len(file_directives)
+    assert all(p.startswith("/lab/pods/b/") for p in paths)
     assert "daemon off;" in text and 'return 200 "pod=b ip=10.0.0.3 peer=$remote_addr\\n";' in text
 
 
