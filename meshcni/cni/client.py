@@ -105,13 +105,10 @@ def _decode_reply(path: str, status: int, raw: bytes) -> dict[str, Any]:
     if error is not None:
         if not isinstance(error, dict) or not isinstance(error.get("code"), int) or isinstance(error.get("code"), bool):
             raise protocol.AgentProtocolError(f"agent error reply to {path} (HTTP {status}) has no integer code")
-        return _raise_refused(error, status)
+        raise protocol.AgentRefused(
+            error["code"], str(error.get("msg") or "agent refused the request"), str(error.get("details") or ""), status
+        )
     if status != 200 or reply.get("ok") is not True:
         raise protocol.AgentProtocolError(f"agent reply to {path} (HTTP {status}) is neither ok nor an error")
     return reply
 
-
-def _raise_refused(error: dict[str, Any], status: int) -> dict[str, Any]:
-    raise protocol.AgentRefused(
-        error["code"], str(error.get("msg") or "agent refused the request"), str(error.get("details") or ""), status
-    )

@@ -3,7 +3,6 @@ servers for the failure modes (refused, silent, not JSON)."""
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import threading
