@@ -44,13 +44,26 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (it may be replaced, e.g. by click's test
+    runner or a daemonizing wrapper), never to a stream captured once and closed since."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_stderr(level: int = logging.INFO) -> None:
     """Send install-cni logs to stderr in logfmt; idempotent (a second call only changes the level)."""
     log = logger()
     log.setLevel(level)
     log.propagate = False
     if not any(getattr(h, "_meshcni_stderr", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(LogfmtFormatter())
         handler._meshcni_stderr = True  # type: ignore[attr-defined]
         log.addHandler(handler)
