@@ -37,7 +37,7 @@ IN_NONBLOCK = os.O_NONBLOCK
 WATCH_MASK = (IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
               | IN_ONLYDIR)
 _EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then name[len])
-_COALESCE_SECONDS = 0.05  # a writer's burst (temp write, rename, chmod) arrives as one wake-up
+_COALESCE_SECONDS = 0.005  # events already queued with the first one are handled in the same pass
 _DIR_RETRY_SECONDS = 0.25  # how often to look for a conf dir that does not exist yet
 POLL_INTERVAL_SECONDS = 0.25
 
