@@ -189,18 +189,18 @@ def update_file(path: Path, compute: Callable[[bytes | None], bytes | None],
     """Atomically replace `path` with `compute(current bytes)`, never losing a concurrent writer's bytes.
 
     `compute` gets the current bytes (None if the file is absent) and returns the new bytes, or None to leave
-    the file as it is; it may raise InvalidConfig to refuse. If another writer replaced the file between our
+    the file as it is; it may raise (InvalidConfig to refuse). If another writer replaced the file between our
     read and our swap, their version comes back to us, `compute` runs on it, and the result is swapped in
-    again; if `compute` then declines or refuses, their bytes are put back verbatim. Returns the bytes we left
+    again; if `compute` then declines or raises, their bytes are put back verbatim (and the error re-raised). Returns the bytes we left
     in place, or None if the file ends up unchanged by us.
     """
     basis = snapshot(path)   # the content `compute` transforms: always someone else's latest version
     occupant = basis         # what the next swap expects to displace
     while True:
-        refusal: InvalidConfig | None = None
+        refusal: Exception | None = None
         try:
             new = compute(basis.data)
-        except InvalidConfig as exc:
+        except Exception as exc:  # a refusal (InvalidConfig) or a failure: either way their bytes go back
             new, refusal = None, exc
         restoring = new is None or new == basis.data
         if restoring:

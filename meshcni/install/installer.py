@@ -67,7 +67,9 @@ class Installer:
         self.errors = 0
         self._inserted_once = False
         self._store = StateStore(options.state_dir)
-        self._record = self._store.load()
+        self._record, problem = self._store.load_or_quarantine()
+        if problem:
+            event(self.log, logging.WARNING, "ignoring unreadable install record", reason=problem)
         self._entry = conflist.plugin_entry(options.agent_socket, options.failure_policy, options.plugin_log_level)
         self._stop = threading.Event()
         self._watcher: Watcher | None = None

@@ -83,6 +83,21 @@ class StateStore:
             raise InstallError(f"install record {path} is malformed: {exc}") from exc
         return InstallRecord(conf, binary)
 
+    def load_or_quarantine(self) -> tuple[InstallRecord, str | None]:
+        """Load the record; an unreadable one is renamed aside (kept for a human) and an empty record returned
+        with the reason, so a damaged file cannot wedge a node's installer in a crash loop. Uninstall then
+        falls back to removing our entry wherever it is found."""
+        try:
+            return self.load(), None
+        except InstallError as exc:
+            path = self.directory / STATE_FILE
+            aside = path.with_name(f"{STATE_FILE}.unreadable-{os.getpid()}")
+            try:
+                os.replace(path, aside)
+            except OSError as move_exc:
+                raise InstallError(f"{exc}; and it cannot be moved aside: {move_exc.strerror}") from exc
+            return InstallRecord(), f"{exc} (moved to {aside.name})"
+
     def save(self, record: InstallRecord) -> None:
         self._ensure_dir()
         doc = {"version": FORMAT_VERSION,

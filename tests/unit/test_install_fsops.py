@@ -150,3 +150,23 @@ def test_write_atomic_skips_identical_content(tmp_path: Path) -> None:
     assert path.stat().st_mtime_ns == mtime
     assert fsops.write_atomic(path, b"x", 0o644)  # a mode change is a change
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_their_racing_version_is_put_back_when_compute_fails_on_it(tmp_path: Path) -> None:
+    path = tmp_path / "a.conflist"
+    path.write_bytes(b"v1")
+    calls = []
+
+    def compute(cur: bytes | None) -> bytes:
+        calls.append(cur)
+        if len(calls) == 1:
+            other = tmp_path / "other.tmp"
+            other.write_bytes(b"v2")
+            os.rename(other, path)
+            return b"v1+ours"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        fsops.update_file(path, compute)
+    assert path.read_bytes() == b"v2"
+    assert sorted(os.listdir(tmp_path)) == ["a.conflist"]

@@ -421,3 +421,15 @@ def test_entry_that_cannot_be_removed_keeps_the_binary(node: Path) -> None:
         Installer(options(node)).uninstall()
     assert primary.read_bytes() == broken
     assert (node / "bin" / "meshcni").exists()
+
+
+def test_unreadable_install_record_is_moved_aside_not_fatal(node: Path, install_logs) -> None:
+    primary = node / "net.d" / "10-bridge.conflist"
+    primary.write_bytes(BRIDGE_CONFLIST)
+    Installer(options(node)).run(watch=False)
+    (node / "state" / "state.json").write_text("{truncated")
+    installer = Installer(options(node))
+    assert messages(install_logs, "ignoring unreadable install record")
+    assert any(n.startswith("state.json.unreadable-") for n in os.listdir(node / "state"))
+    installer.uninstall()
+    assert plugin_types(primary) == ["bridge", "portmap"]  # entry found and removed without the record
