@@ -191,8 +191,8 @@ def update_file(path: Path, compute: Callable[[bytes | None], bytes | None],
     `compute` gets the current bytes (None if the file is absent) and returns the new bytes, or None to leave
     the file as it is; it may raise (InvalidConfig to refuse). If another writer replaced the file between our
     read and our swap, their version comes back to us, `compute` runs on it, and the result is swapped in
-    again; if `compute` then declines or raises, their bytes are put back verbatim (and the error re-raised). Returns the bytes we left
-    in place, or None if the file ends up unchanged by us.
+    again; if `compute` then declines or raises, their bytes are put back verbatim (and the error re-raised).
+    Returns the bytes we left in place, or None if the file ends up unchanged by us.
     """
     basis = snapshot(path)   # the content `compute` transforms: always someone else's latest version
     occupant = basis         # what the next swap expects to displace
