@@ -37,9 +37,9 @@ def _dir_path() -> click.Path:
               help="Plugin to install: an executable, or a one-dir bundle holding an executable 'meshcni'.")
 @click.option("--state-dir", type=_dir_path(), default=Path("/var/lib/meshcni/install"), show_default=True,
               envvar="MESHCNI_STATE_DIR", help="Where the install record and the original config bytes are kept.")
-@click.option("--agent-socket", default="/var/run/meshcni/agent.sock", show_default=True,
+@click.option("--agent-socket", default="/var/run/meshcni/cni.sock", show_default=True,
               envvar="MESHCNI_AGENT_SOCKET", help="Agent socket the plugin talks to (written into our entry).")
-@click.option("--failure-policy", type=click.Choice(FAILURE_POLICIES), default="iptables", show_default=True,
+@click.option("--failure-policy", type=click.Choice(FAILURE_POLICIES), default="closed", show_default=True,
               envvar="MESHCNI_FAILURE_POLICY",
               help="What the plugin does when the agent is down: fail the pod ADD (closed), let the pod start "
                    "uncaptured (open), or capture it with in-pod iptables rules (iptables).")

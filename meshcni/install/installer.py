@@ -33,10 +33,12 @@ class InstallOptions:
     state_dir: Path = Path("/var/lib/meshcni/install")
     plugin_source: Path | None = None
     conf_name: str | None = None
-    agent_socket: str = "/var/run/meshcni/agent.sock"
-    # "iptables": with the agent down the plugin still captures the pod with in-pod iptables rules, so pod
-    # creation neither fails (merbridge#250) nor starts pods outside the mesh.
-    failure_policy: str = "iptables"
+    # the plugin's HTTP endpoint on the agent (meshcni/cni/protocol.py), not the agent's gRPC socket
+    agent_socket: str = "/var/run/meshcni/cni.sock"
+    # "closed" until the plugin implements "iptables" (with the agent down it would capture the pod with
+    # in-pod rules, so pod creation neither fails, merbridge#250, nor starts pods outside the mesh): today
+    # the plugin rejects "iptables" as reserved, so defaulting to it would fail every pod ADD.
+    failure_policy: str = "closed"
     plugin_log_level: str = "info"
     watch_mode: str = "auto"
     # A full pass even without events: covers events a filesystem never delivers. Cheap (one small dir).

@@ -21,7 +21,7 @@ from meshcni.install import Installer, InstallError, InstallOptions
 from meshcni.install.conflist import plugin_entry
 from meshcni.install.log import LOGGER_NAME
 
-ENTRY = plugin_entry("/var/run/meshcni/agent.sock", "iptables", "info")
+ENTRY = plugin_entry("/var/run/meshcni/cni.sock", "closed", "info")  # the defaults
 # Deliberately not how json.dumps would write it (tabs, key order, no final newline): a byte-for-byte
 # restore must give back exactly this.
 BRIDGE_CONFLIST = (b'{\n\t"name": "k8s-pod-network",\t"cniVersion": "0.3.1",\n\t"plugins": [\n'
