@@ -17,6 +17,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from meshcni.config import INBOUND_PASSTHROUGH_SRC, Mode, PodConfig
+from meshcni.datapath.directions import BOTH, Direction
 from meshcni.datapath.interceptor import PodNet
 from meshcni.sys import iptables as ipt
 from meshcni.sys.errors import NamespaceNotFound, SysError
@@ -109,19 +110,47 @@ def _includes_loopback(config: PodConfig) -> bool:
     )
 
 
-def build_rules(config: PodConfig, family: Family | int) -> list[Rule]:
-    """The rules istio-iptables appends, in its order; empty when the pod is not to be captured."""
+def chains_for(directions=BOTH) -> tuple[str, ...]:
+    """Our chains a capture of `directions` uses, in declaration order.
+
+    ISTIO_IN_REDIRECT belongs to both: inbound capture jumps to it, and outbound's ISTIO_OUTPUT sends the
+    proxy's hairpin (proxy → its own pod IP over lo) back in through it.
+    """
+    used = {IN_REDIRECT}
+    if Direction.INBOUND in directions:
+        used.add(INBOUND)
+    if Direction.OUTBOUND in directions:
+        used |= {REDIRECT, OUTPUT}
+    return tuple(chain for chain in OUR_CHAINS if chain in used)
+
+
+def build_rules(config: PodConfig, family: Family | int, directions=BOTH) -> list[Rule]:
+    """The rules istio-iptables appends, in its order; empty when the pod is not to be captured.
+
+    `directions` limits the rules to inbound or outbound capture (the other direction then belongs to
+    another backend); with both, the result is exactly istio-iptables'.
+    """
     family = Family(family)
-    if config.mode is Mode.OFF:
+    inbound, outbound = Direction.INBOUND in directions, Direction.OUTBOUND in directions
+    if config.mode is Mode.OFF or not (inbound or outbound):
         return []
     addr = ADDRESSES[family]
     excluded_in = set(config.effective_exclude_inbound_ports)
-    rules = [
-        Rule(INBOUND, _spec(tcp=True, dport=TUNNEL_PORT, jump="RETURN")),
-        Rule(REDIRECT, _spec(tcp=True, jump="REDIRECT", redirect_to=config.outbound_port)),
-        Rule(IN_REDIRECT, _spec(tcp=True, jump="REDIRECT", redirect_to=config.inbound_port)),
-    ]
+    rules = []
+    if inbound:
+        rules.append(Rule(INBOUND, _spec(tcp=True, dport=TUNNEL_PORT, jump="RETURN")))
+    if outbound:
+        rules.append(Rule(REDIRECT, _spec(tcp=True, jump="REDIRECT", redirect_to=config.outbound_port)))
+    rules.append(Rule(IN_REDIRECT, _spec(tcp=True, jump="REDIRECT", redirect_to=config.inbound_port)))
+    if inbound:
+        rules += _inbound_rules(config, excluded_in)
+    if outbound:
+        rules += _outbound_rules(config, addr, family)
+    return rules
 
+
+def _inbound_rules(config: PodConfig, excluded_in: set[int]) -> list[Rule]:
+    rules: list[Rule] = []
     # Inbound. An empty include list means "capture no inbound port": no PREROUTING jump at all.
     if config.include_inbound_ports is None:
         rules.append(Rule("PREROUTING", _spec(tcp=True, jump=INBOUND)))
@@ -139,9 +168,11 @@ def build_rules(config: PodConfig, family: Family | int) -> list[Rule]:
             for port in config.include_inbound_ports
             if port not in excluded_in
         ]
+    return rules
 
-    # Outbound.
-    rules.append(Rule("OUTPUT", _spec(tcp=True, jump=OUTPUT)))
+
+def _outbound_rules(config: PodConfig, addr: FamilyAddresses, family: Family) -> list[Rule]:
+    rules = [Rule("OUTPUT", _spec(tcp=True, jump=OUTPUT))]
     # Port exclusions come first so that even the app→self-via-VIP rule below cannot capture them.
     rules += [Rule(OUTPUT, _spec(tcp=True, dport=port, jump="RETURN")) for port in config.exclude_outbound_ports]
     # The proxy's inbound passthrough (source 127.0.0.6 / ::6) to the app over lo.
@@ -181,32 +212,37 @@ def build_rules(config: PodConfig, family: Family | int) -> list[Rule]:
     return rules
 
 
-def _document(rules: list[Rule], preamble: list[str] = ()) -> str:
+def _document(rules: list[Rule], preamble: list[str] = (), chains: tuple[str, ...] = OUR_CHAINS) -> str:
     lines = [f"*{TABLE}"]
-    lines += [f":{chain} - [0:0]" for chain in OUR_CHAINS]
+    lines += [f":{chain} - [0:0]" for chain in chains]
     lines += preamble
     lines += [rule.line() for rule in rules]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
-def render_rules(config: PodConfig, family: Family | int) -> str:
+def render_rules(config: PodConfig, family: Family | int, directions=BOTH) -> str:
     """The iptables-restore document that captures a pod in an empty netns ("" when nothing is captured)."""
-    rules = build_rules(config, family)
-    return _document(rules) if rules else ""
+    rules = build_rules(config, family, directions)
+    return _document(rules, chains=chains_for(directions)) if rules else ""
 
 
-def capture_document(config: PodConfig, family: Family | int, live: Table) -> str:
+def capture_document(config: PodConfig, family: Family | int, live: Table, directions=BOTH) -> str:
     """The one transaction that makes `live` carry exactly our rules, whatever of ours it already has.
 
     Declaring our chains empties existing ones; jumps into them from other chains are deleted first (with
     the exact spelling iptables-save gave us) and the rendered ones appended, so nothing is duplicated.
+    Chains of a direction this capture no longer covers are flushed and deleted in the same transaction.
     """
-    rules = build_rules(config, family)
+    rules = build_rules(config, family, directions)
     if not rules:
         return release_document(live) or ""
+    chains = chains_for(directions)
     deletions = [Rule(chain, spec).line("-D") for chain, spec in live.jumps_to(OUR_CHAINS)]
-    return _document(rules, deletions)
+    stale = [chain for chain in OUR_CHAINS if chain in live.chains and chain not in chains]
+    # Flush all stale chains before deleting any: ISTIO_OUTPUT references ISTIO_REDIRECT.
+    deletions += [f"-F {chain}" for chain in stale] + [f"-X {chain}" for chain in stale]
+    return _document(rules, deletions, chains)
 
 
 def release_document(live: Table) -> str | None:
@@ -224,11 +260,11 @@ def release_document(live: Table) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def diff_rules(config: PodConfig, family: Family | int, live: Table) -> list[str]:
+def diff_rules(config: PodConfig, family: Family | int, live: Table, directions=BOTH) -> list[str]:
     """What is wrong with `live` compared with the rendered rules, one sentence per problem."""
     family = Family(family)
     label = f"{family.label} {TABLE}"
-    expected = build_rules(config, family)
+    expected = build_rules(config, family, directions)
     problems: list[str] = []
     if not expected:
         for chain in OUR_CHAINS:
@@ -241,7 +277,12 @@ def diff_rules(config: PodConfig, family: Family | int, live: Table) -> list[str
     want: dict[str, list[str]] = {}
     for rule in expected:
         want.setdefault(rule.chain, []).append(rule.spec)
+    chains = chains_for(directions)
     for chain in OUR_CHAINS:
+        if chain not in chains:
+            if chain in live.chains:
+                problems.append(f"{label}: chain {chain} exists although that direction is not captured by iptables")
+            continue
         if chain not in live.chains:
             problems.append(f"{label}: chain {chain} is missing")
             continue
@@ -297,7 +338,8 @@ class IptablesInterceptor:
             self._backend = ipt.detect_backend(self._requested)
         return self._backend
 
-    def capture(self, pod: PodNet) -> None:
+    def capture(self, pod: PodNet, directions=BOTH) -> None:
+        """Capture `directions` of the pod (both by default); another backend may own the other one."""
         check_netns(pod.netns)
         wanted = wanted_families(pod)
         for family in Family:
@@ -305,7 +347,7 @@ class IptablesInterceptor:
                 if family is Family.IPV6:
                     self._add_ipv6_passthrough_address(pod)
                 live = ipt.save(pod.netns, family, self.backend, TABLE)
-                document = capture_document(pod.config, family, live)
+                document = capture_document(pod.config, family, live, directions)
                 if document:
                     ipt.restore(pod.netns, family, self.backend, document)
             elif ipt.family_available(family):
@@ -321,7 +363,7 @@ class IptablesInterceptor:
             if ipt.family_available(family):
                 self._release_family(pod, family)
 
-    def verify(self, pod: PodNet) -> list[str]:
+    def verify(self, pod: PodNet, directions=BOTH) -> list[str]:
         try:
             check_netns(pod.netns)
         except NamespaceNotFound as exc:
@@ -333,7 +375,7 @@ class IptablesInterceptor:
                 continue
             live = ipt.save(pod.netns, family, self.backend, TABLE)
             config = pod.config if family in wanted else pod.config.with_mode(Mode.OFF)
-            problems += diff_rules(config, family, live)
+            problems += diff_rules(config, family, live, directions)
         return problems
 
     def _release_family(self, pod: PodNet, family: Family) -> None:
