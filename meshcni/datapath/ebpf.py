@@ -20,6 +20,7 @@ from pathlib import Path
 from meshcni.config import Mode, PodConfig
 from meshcni.datapath import layout as L
 from meshcni.datapath import listeners, loader
+from meshcni.datapath.directions import BOTH, Direction
 from meshcni.datapath.interceptor import PodNet
 from meshcni.sys import bpf, cgroup as cgroups, netns
 from meshcni.sys.errors import BpfError, NamespaceNotFound
@@ -151,11 +152,13 @@ class EbpfDatapath:
 
     # --- pods ---------------------------------------------------------------------------------------------
 
-    def capture(self, pod: PodNet, listener_fds: dict[int, int] | None = None) -> int:
+    def capture(self, pod: PodNet, listener_fds: dict[int, int] | None = None, directions=BOTH) -> int:
         """Enrol a pod; returns its slot. A pod that is already enrolled keeps its slot and gets `pod.config`.
 
         `listener_fds` maps address family to the proxy's inbound listening socket; when omitted, the
-        listener the proxy bound itself in the pod's netns is found and duplicated.
+        listener the proxy bound itself in the pod's netns is found and duplicated. `directions` says which
+        side eBPF captures (another backend may own the other): without inbound, no sk_lookup link is
+        attached and no listener registered, and ones left by an earlier capture are removed.
         """
         netns.check_netns(pod.netns)
         cookie = netns_cookie(pod.netns)
@@ -166,14 +169,18 @@ class EbpfDatapath:
         link_created = False
         try:
             self._write_policy(slot, pod.config, written)
-            self._write_config(slot, pod.config)
+            self._write_config(slot, pod.config, directions)
             if existing is None:
                 self._counters.update(L.U32(slot), L.percpu_counters_type()())
             for ip in pod.ips:
                 self.maps["mcni_pod_ips_v1"].update(L.Ip.of(ip), L.U32(slot))
                 written.append(("mcni_pod_ips_v1", L.Ip.of(ip)))
-            link_created = self._attach_sk_lookup(pod.netns, cookie)
-            self.register_listener(slot, pod, listener_fds)
+            if Direction.INBOUND in directions:
+                link_created = self._attach_sk_lookup(pod.netns, cookie)
+                self.register_listener(slot, pod, listener_fds)
+            else:
+                loader.remove_link(self.pins.netns_link(cookie), "sk_lookup")
+                self._clear_listeners(slot)
             pods.update(L.U64(cookie), L.U32(slot))  # last: this is what turns capture on
         except BaseException:
             if existing is None:
@@ -199,7 +206,7 @@ class EbpfDatapath:
         self._clear_slot(slot)
         return True
 
-    def verify(self, pod: PodNet) -> list[str]:
+    def verify(self, pod: PodNet, directions=BOTH) -> list[str]:
         problems = []
         try:
             cookie = netns_cookie(pod.netns)
@@ -209,16 +216,20 @@ class EbpfDatapath:
         if slot is None:
             return [f"pod {pod.key} (netns {pod.netns}) is not enrolled"]
         cfg = self.maps["mcni_pod_config_v1"].lookup(L.U32(slot.value))
-        want = _pod_struct(slot.value, pod.config, self.splice)
+        want = _pod_struct(slot.value, pod.config, self.splice, directions)
         if bytes(cfg) != bytes(want):
             problems.append("the pod's settings in mcni_pod_config_v1 differ from its configuration")
         for ip in pod.ips:
             got = self.maps["mcni_pod_ips_v1"].lookup(L.Ip.of(ip))
             if got is None or got.value != slot.value:
                 problems.append(f"pod IP {ip} is not mapped to the pod")
-        if not self.pins.netns_link(cookie).exists():
+        inbound = Direction.INBOUND in directions
+        if inbound and not self.pins.netns_link(cookie).exists():
             problems.append("no sk_lookup link is attached to the pod's netns")
-        if pod.config.mode is Mode.EBPF and self.maps["mcni_listeners_v1"].lookup(L.U32(slot.value * 2)) is None:
+        if not inbound and self.pins.netns_link(cookie).exists():
+            problems.append("an sk_lookup link is attached although eBPF does not capture the pod's inbound")
+        listener = self.maps["mcni_listeners_v1"].lookup(L.U32(slot.value * 2))
+        if inbound and pod.config.mode is Mode.EBPF and listener is None:
             problems.append("no inbound proxy listener is registered")
         for hook in loader.HOOKS:
             if hook.target != "netns" and not self.pins.link(hook.name).exists():
@@ -287,8 +298,8 @@ class EbpfDatapath:
                 return slot
         raise BpfError(f"all {self.max_pods} pod slots are in use", errno.ENOSPC)
 
-    def _write_config(self, slot: int, config: PodConfig) -> None:
-        self.maps["mcni_pod_config_v1"].update(L.U32(slot), _pod_struct(slot, config, self.splice))
+    def _write_config(self, slot: int, config: PodConfig, directions=BOTH) -> None:
+        self.maps["mcni_pod_config_v1"].update(L.U32(slot), _pod_struct(slot, config, self.splice, directions))
 
     def _write_policy(self, slot: int, config: PodConfig, written: list) -> None:
         # replace the slot's policy wholesale: stale entries from an earlier config must not survive
@@ -321,6 +332,9 @@ class EbpfDatapath:
     def _clear_slot(self, slot: int) -> None:
         self._clear_policy(slot)
         self.maps["mcni_pod_config_v1"].update(L.U32(slot), L.Pod())
+        self._clear_listeners(slot)
+
+    def _clear_listeners(self, slot: int) -> None:
         listeners_map = self.maps["mcni_listeners_v1"]
         for idx in (slot * 2, slot * 2 + 1):
             # a SOCKMAP answers EINVAL, not ENOENT, for an empty slot: look before deleting
@@ -342,10 +356,11 @@ class EbpfDatapath:
         return True
 
 
-def _pod_struct(slot: int, config: PodConfig, splice: bool) -> L.Pod:
+def _pod_struct(slot: int, config: PodConfig, splice: bool, directions=BOTH) -> L.Pod:
     flags = L.F_SPLICE if splice else 0
     if config.mode is Mode.EBPF:
-        flags |= L.F_CAPTURE_OUTBOUND | L.F_CAPTURE_INBOUND
+        flags |= L.F_CAPTURE_OUTBOUND if Direction.OUTBOUND in directions else 0
+        flags |= L.F_CAPTURE_INBOUND if Direction.INBOUND in directions else 0
     if config.include_inbound_ports is None:
         flags |= L.F_INBOUND_ALL_PORTS
     if config.include_outbound_cidrs is None:
