@@ -18,10 +18,16 @@ def main() -> None:
 
 
 def _register() -> None:
+    from meshcni.cli import agent as agent_cli
+    from meshcni.cli import install as install_cli
     from meshcni.cli import lab as lab_cli
+    from meshcni.cli import node as node_cli
 
+    main.add_command(agent_cli.agent)
+    main.add_command(install_cli.install_cni)
     main.add_command(lab_cli.lab)
-    from meshcni.cli import install as install_cli; main.add_command(install_cli.install_cni)
+    for command in (node_cli.status, node_cli.pods, node_cli.counters, node_cli.mode):
+        main.add_command(command)
 
 
 _register()
