@@ -1,0 +1,105 @@
+"""A small synchronous client of the agent's gRPC API, for the CLI and tests.
+
+It turns the two failures a user can act on into domain errors: `AgentNotRunning` (no socket, or nothing
+answering on it: start the agent) and `AgentCallError` (the agent answered with an error status, whose
+message already says what was wrong). Replies are returned as plain dicts, the shape `-o json` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from meshcni.api import agent_pb2 as pb
+from meshcni.api import agent_pb2_grpc as pb_grpc
+
+DEFAULT_SOCKET = "/var/run/meshcni/agent.sock"
+
+
+class AgentNotRunning(Exception):
+    def __init__(self, socket_path: str, reason: str):
+        super().__init__(f"the meshcni agent is not running (no answer on {socket_path}: {reason}); "
+                         f"start it with `meshcni agent` or check `systemctl`/the DaemonSet")
+        self.socket_path = socket_path
+
+
+class AgentCallError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def to_dict(message) -> dict:
+    d = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if "config_json" in d:
+        d["config"] = json.loads(d.pop("config_json") or "{}")
+    for pod in d.get("pods", []) + d.get("changed", []):
+        if "config_json" in pod:
+            pod["config"] = json.loads(pod.pop("config_json") or "{}")
+    if isinstance(d.get("pod"), dict) and "config_json" in d["pod"]:
+        d["pod"]["config"] = json.loads(d["pod"].pop("config_json") or "{}")
+    return d
+
+
+class AgentClient:
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = 30.0):
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(f"unix://{os.path.abspath(socket_path)}")
+        self._stub = pb_grpc.AgentStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, request):
+        if not os.path.exists(self.socket_path):
+            raise AgentNotRunning(self.socket_path, "the socket does not exist")
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+                raise AgentNotRunning(self.socket_path, exc.details()) from None
+            raise AgentCallError(exc.code(), exc.details() or str(exc.code())) from None
+
+    # --- calls ------------------------------------------------------------------------------------------
+
+    def add_pod(self, **fields) -> dict:
+        return to_dict(self._call("AddPod", pb.PodRequest(**fields)))["pod"]
+
+    def del_pod(self, **fields) -> dict:
+        return to_dict(self._call("DelPod", pb.PodRequest(**fields)))
+
+    def check_pod(self, **fields) -> dict:
+        return to_dict(self._call("CheckPod", pb.PodRequest(**fields)))
+
+    def list_pods(self) -> list[dict]:
+        return to_dict(self._call("ListPods", pb.ListPodsRequest()))["pods"]
+
+    def get_pod(self, key: str) -> dict:
+        return to_dict(self._call("GetPod", pb.PodKey(key=key)))
+
+    def counters(self, key: str = "") -> list[dict]:
+        pods = to_dict(self._call("Counters", pb.PodKey(key=key)))["pods"]
+        for pod in pods:  # proto3 JSON spells uint64 as strings; callers want numbers
+            pod["counters"] = {k: int(v) for k, v in pod["counters"].items()}
+        return pods
+
+    def status(self) -> dict:
+        return to_dict(self._call("Status", pb.StatusRequest()))
+
+    def set_mode(self, mode: str, key: str = "") -> dict:
+        return to_dict(self._call("SetMode", pb.SetModeRequest(key=key, mode=mode)))
+
+    def gc(self, valid: list[tuple[str, str]]) -> list[dict]:
+        req = pb.GcRequest(valid=[pb.Attachment(container_id=c, ifname=i) for c, i in valid])
+        return to_dict(self._call("GarbageCollect", req))["removed"]

@@ -1,0 +1,418 @@
+"""The agent's decisions: enrol, release, verify and switch pods, and re-adopt them all after a restart.
+
+Both front doors (gRPC for tools, HTTP for the CNI plugin) call these methods, so the rules live once:
+- a request is validated completely before anything changes (`PodSpec.parse`), and a rejected request
+  leaves the registry and the maps as they were;
+- a pod's mode comes from, most specific first: an override set with `meshcni mode set`, its
+  `meshcni.io/mode` / `sidecar.istio.io/inject` annotations, the node default;
+- the registry record is written with phase "adding" before the datapath is touched and "captured" after,
+  so a crash at any point is repaired by the next start (`recover`);
+- switching modes is make-before-break: the new backend captures before the old one releases, and the two
+  never fight (eBPF's rewritten connections go to loopback, which Istio's rules leave alone; iptables'
+  redirected connections arrive on the proxy's port, which the sk_lookup program never steers);
+- every mutation holds one lock: enrolment allocates datapath slots, and a node has tens of pods, not
+  thousands of enrolments per second, so simplicity beats parallelism here.
+The inbound listener of an eBPF pod is usually not there yet at ADD time (the sidecar starts after the
+sandbox); such pods are `listener: pending` and `adopt_listeners` registers the proxy's listener when it
+appears — and again when the proxy is replaced and the kernel dropped the old socket from the SOCKMAP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from meshcni.agent.policy import NoPolicy, PolicySource
+from meshcni.agent.registry import PodRecord, Registry, valid_container_id
+from meshcni.config import ConfigError, Mode, PodConfig
+from meshcni.datapath import layout as L
+from meshcni.datapath.interceptor import PodNet
+from meshcni.sys import netns as netns_sys
+from meshcni.sys.errors import NamespaceNotFound, SysError
+
+log = logging.getLogger("meshcni.agent")
+
+# CNI error codes the HTTP front door reports (meshcni/cni/protocol.py) next to the gRPC status names.
+CNI_UNKNOWN_CONTAINER = 3
+CNI_INVALID_CONFIG = 7
+CNI_TRY_AGAIN = 11
+CNI_INTERNAL = 100
+CNI_NOT_CAPTURED = 101
+
+
+class AgentError(Exception):
+    """A request the agent refuses or could not carry out; `kind` picks the gRPC status and CNI code."""
+
+    KINDS = {
+        "invalid": ("INVALID_ARGUMENT", CNI_INVALID_CONFIG),
+        "not_found": ("NOT_FOUND", CNI_UNKNOWN_CONTAINER),
+        "precondition": ("FAILED_PRECONDITION", CNI_INTERNAL),
+        "not_captured": ("FAILED_PRECONDITION", CNI_NOT_CAPTURED),
+        "unavailable": ("UNAVAILABLE", CNI_TRY_AGAIN),
+        "internal": ("INTERNAL", CNI_INTERNAL),
+    }
+
+    def __init__(self, kind: str, msg: str, details: str = ""):
+        super().__init__(msg)
+        self.kind = kind
+        self.msg = msg
+        self.details = details
+
+    @property
+    def grpc_code(self) -> str:
+        return self.KINDS[self.kind][0]
+
+    @property
+    def cni_code(self) -> int:
+        return self.KINDS[self.kind][1]
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    """A validated AddPod/DelPod/CheckPod request."""
+
+    container_id: str
+    netns: str
+    ifname: str
+    ips: tuple[str, ...]
+    pod_name: str = ""
+    pod_namespace: str = ""
+    pod_uid: str = ""
+
+    @classmethod
+    def parse(cls, data: dict, *, need_netns: bool = True) -> "PodSpec":
+        cid = data.get("container_id") or ""
+        if not isinstance(cid, str) or not valid_container_id(cid):
+            raise AgentError("invalid", f"container id {cid!r} is missing or not a valid id")
+        ns = data.get("netns") or ""
+        if not isinstance(ns, str):
+            raise AgentError("invalid", "netns must be a string path")
+        if need_netns:
+            if not ns:
+                raise AgentError("invalid", "netns is required")
+            if not ns.startswith("/") or "/../" in ns + "/":
+                raise AgentError("invalid", f"netns {ns!r} must be an absolute path without '..'")
+        ifname = data.get("ifname") or "eth0"
+        if not isinstance(ifname, str) or not 0 < len(ifname) < 16 or "/" in ifname:
+            raise AgentError("invalid", f"ifname {ifname!r} is not a valid interface name")
+        raw_ips = data.get("ips") or []
+        if not isinstance(raw_ips, (list, tuple)):
+            raise AgentError("invalid", "ips must be a list of addresses")
+        ips = []
+        for raw in raw_ips:
+            try:
+                ips.append(str(ipaddress.ip_interface(str(raw)).ip))
+            except ValueError:
+                raise AgentError("invalid", f"{raw!r} is not an IP address") from None
+        fields = {}
+        for key in ("pod_name", "pod_namespace", "pod_uid"):
+            value = data.get(key) or ""
+            if not isinstance(value, str) or len(value) > 253:
+                raise AgentError("invalid", f"{key} must be a string of at most 253 characters")
+            fields[key] = value
+        return cls(container_id=cid, netns=ns, ifname=ifname, ips=tuple(ips), **fields)
+
+
+class AgentCore:
+    """The registry plus the interceptors, behind one lock."""
+
+    def __init__(self, registry: Registry, interceptors: dict[Mode, object], *, ebpf=None,
+                 node_mode: Mode = Mode.EBPF, policy: PolicySource | None = None,
+                 listener_provider: Callable | None = None):
+        self.registry = registry
+        self.interceptors = interceptors  # Mode -> Interceptor; OFF has none
+        self.ebpf = ebpf  # the EbpfDatapath, when loaded (counters, slots, listeners)
+        self.node_mode = node_mode
+        self.policy = policy or NoPolicy()
+        self.listener_provider = listener_provider  # (record, PodNet) -> {family: fd} | None
+        self.lock = threading.RLock()
+        self.enrol_errors: dict[str, int] = {}
+
+    # --- the CNI verbs ------------------------------------------------------------------------------------
+
+    def add_pod(self, spec: PodSpec) -> PodRecord:
+        try:
+            netns_sys.check_netns(spec.netns)
+        except NamespaceNotFound as exc:
+            self._count_error("netns")
+            raise AgentError("not_found", str(exc)) from exc
+        with self.lock:
+            existing = self.registry.get(spec.container_id)
+            if existing and existing.netns != spec.netns:
+                self._count_error("conflict")
+                raise AgentError("invalid", f"container {spec.container_id} is already enrolled with netns "
+                                            f"{existing.netns}, not {spec.netns}; delete it first")
+            record = existing or PodRecord(container_id=spec.container_id, netns=spec.netns)
+            record.ifname = spec.ifname
+            record.ips = list(spec.ips)
+            record.pod_name, record.pod_namespace, record.pod_uid = spec.pod_name, spec.pod_namespace, spec.pod_uid
+            try:
+                config, source = self._desired_config(record)
+            except ConfigError as exc:
+                self._count_error("config")
+                raise AgentError("invalid", f"pod {record.display_name}: {exc}") from exc
+            if existing is None:
+                record.phase = "adding"
+                record.mode = config.mode.value
+                record.config = config.to_dict()
+                self._persist(record)
+            try:
+                self._apply(record, config, source, previous=Mode(existing.mode) if existing else None)
+            except AgentError:
+                if existing is None:
+                    self.registry.remove(record.container_id)
+                raise
+            return record
+
+    def del_pod(self, spec: PodSpec) -> PodRecord | None:
+        """Release and forget a pod; a pod we never had is fine (DEL must never block a teardown)."""
+        with self.lock:
+            record = self.registry.get(spec.container_id)
+            if record is None:
+                return None
+            problems = self._release(record, Mode(record.mode))
+            if problems:
+                log.warning("pod %s: released with problems: %s", record.display_name, "; ".join(problems))
+            self.registry.remove(record.container_id)
+            if hasattr(self.policy, "forget"):
+                self.policy.forget(record.pod_namespace, record.pod_name)
+            log.info("pod %s released (%s)", record.display_name, record.mode)
+            return record
+
+    def check_pod(self, spec: PodSpec) -> list[str]:
+        record = self.registry.get(spec.container_id)
+        if record is None:
+            raise AgentError("not_found", f"container {spec.container_id} is not enrolled on this node")
+        if spec.netns and spec.netns != record.netns:
+            return [f"enrolled with netns {record.netns}, CHECK names {spec.netns}"]
+        return self.verify(record)
+
+    def verify(self, record: PodRecord) -> list[str]:
+        mode = Mode(record.mode)
+        problems = []
+        if record.phase != "captured":
+            problems.append(f"enrolment is in phase {record.phase!r}, not 'captured'")
+        interceptor = self.interceptors.get(mode)
+        if mode is not Mode.OFF and interceptor is None:
+            return problems + [f"mode {mode.value} is not available on this node"]
+        if interceptor is not None:
+            problems += interceptor.verify(self._pod_net(record, PodConfig.from_dict(record.config)))
+        return problems
+
+    def gc(self, valid: set[tuple[str, str]]) -> list[PodRecord]:
+        removed = []
+        with self.lock:
+            for record in self.registry.all():
+                if (record.container_id, record.ifname) not in valid:
+                    self.del_pod(PodSpec(record.container_id, record.netns, record.ifname, tuple(record.ips)))
+                    removed.append(record)
+        return removed
+
+    # --- modes --------------------------------------------------------------------------------------------
+
+    def set_pod_mode(self, key: str, mode: str) -> PodRecord:
+        """Override one pod's mode ("" clears the override and returns it to annotations/node default)."""
+        if mode and mode not in {m.value for m in Mode}:
+            raise AgentError("invalid", f"mode {mode!r} is not one of ebpf, iptables, off")
+        with self.lock:
+            record = self.find(key)
+            record.mode_override = mode
+            self._reconfigure(record)
+            return record
+
+    def set_node_mode(self, mode: str) -> list[PodRecord]:
+        try:
+            new = Mode(mode)
+        except ValueError:
+            raise AgentError("invalid", f"mode {mode!r} is not one of ebpf, iptables, off") from None
+        if new is not Mode.OFF and new not in self.interceptors:
+            raise AgentError("precondition", f"mode {new.value} is not available on this node")
+        changed = []
+        with self.lock:
+            self.node_mode = new
+            for record in self.registry.all():
+                before = record.mode
+                self._reconfigure(record)
+                if record.mode != before:
+                    changed.append(record)
+        return changed
+
+    def on_policy_change(self, namespace: str, name: str, _annotations: dict) -> None:
+        """A pod's annotations changed (policy file edit or API-server watch): re-apply its config."""
+        with self.lock:
+            for record in self.registry.all():
+                if record.pod_namespace == namespace and record.pod_name == name:
+                    try:
+                        self._reconfigure(record)
+                    except AgentError as exc:
+                        log.error("pod %s: cannot apply its new annotations: %s", record.display_name, exc)
+
+    def _reconfigure(self, record: PodRecord) -> None:
+        try:
+            config, source = self._desired_config(record)
+        except ConfigError as exc:
+            raise AgentError("invalid", f"pod {record.display_name}: {exc}") from exc
+        if config.to_dict() == record.config and source == record.mode_source and record.phase == "captured":
+            return
+        self._apply(record, config, source, previous=Mode(record.mode))
+
+    # --- lookups and counters -------------------------------------------------------------------------------
+
+    def find(self, key: str) -> PodRecord:
+        record = self.registry.find(key)
+        if record is None:
+            raise AgentError("not_found", f"no enrolled pod matches {key!r} (container id, namespace/name "
+                                          f"or a pod name unique on this node)")
+        return record
+
+    def slot_of(self, record: PodRecord) -> int | None:
+        if self.ebpf is None or record.mode != Mode.EBPF.value:
+            return None
+        try:
+            return self.ebpf.slot_of(self._pod_net(record, PodConfig.from_dict(record.config)))
+        except SysError:
+            return None
+
+    def counters(self, record: PodRecord) -> dict[str, int]:
+        slot = self.slot_of(record)
+        if slot is None:
+            return {}
+        return self.ebpf.counters(slot)
+
+    # --- start-up -----------------------------------------------------------------------------------------
+
+    def recover(self) -> dict:
+        """Re-adopt the pods a previous agent enrolled: re-apply those whose netns exists, drop the rest."""
+        report = {"readopted": 0, "removed": 0, "failed": 0, "skipped_files": []}
+        records = self.registry.load()
+        report["skipped_files"] = list(self.registry.skipped)
+        with self.lock:
+            for record in records:
+                try:
+                    netns_sys.check_netns(record.netns)
+                except NamespaceNotFound:
+                    self._release(record, Mode(record.mode))
+                    self.registry.remove(record.container_id)
+                    report["removed"] += 1
+                    log.info("pod %s: netns %s is gone; released", record.display_name, record.netns)
+                    continue
+                try:
+                    config, source = self._desired_config(record)
+                    # the previous agent's capture is still in the kernel: re-applying it is idempotent
+                    self._apply(record, config, source, previous=Mode(record.mode))
+                    report["readopted"] += 1
+                except (AgentError, ConfigError) as exc:
+                    report["failed"] += 1
+                    log.error("pod %s: could not re-adopt: %s", record.display_name, exc)
+        return report
+
+    def adopt_listeners(self) -> int:
+        """Register the proxy listener of eBPF pods that have none (new proxy, restarted proxy)."""
+        if self.ebpf is None:
+            return 0
+        adopted = 0
+        with self.lock:
+            for record in self.registry.all():
+                if record.mode != Mode.EBPF.value or record.phase != "captured":
+                    continue
+                slot = self.slot_of(record)
+                if slot is None:
+                    continue
+                present = self.ebpf.maps["mcni_listeners_v1"].lookup(L.U32(slot * 2)) is not None
+                if present:
+                    if record.listener != "registered":
+                        record.listener = "registered"
+                        self._persist(record)
+                    continue
+                pod = self._pod_net(record, PodConfig.from_dict(record.config))
+                try:
+                    fds = self.listener_provider(record, pod) if self.listener_provider else None
+                    count = self.ebpf.register_listener(slot, pod, fds)
+                except (SysError, OSError) as exc:
+                    log.warning("pod %s: cannot register the proxy listener: %s", record.display_name, exc)
+                    continue
+                state = "registered" if count else "pending"
+                if count:
+                    adopted += 1
+                    log.info("pod %s: proxy listener registered (slot %d)", record.display_name, slot)
+                if state != record.listener:
+                    record.listener = state
+                    self._persist(record)
+        return adopted
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _desired_config(self, record: PodRecord) -> tuple[PodConfig, str]:
+        annotations = self.policy.annotations(record.pod_namespace, record.pod_name) or {}
+        config = PodConfig.from_annotations(annotations, PodConfig(mode=self.node_mode))
+        source = "annotation" if config.mode is not self.node_mode else "node"
+        if record.mode_override:
+            config, source = config.with_mode(record.mode_override), "override"
+        return config, source
+
+    def _apply(self, record: PodRecord, config: PodConfig, source: str, previous: Mode | None) -> None:
+        """Capture with the new config/mode, then release the old mode (make-before-break)."""
+        mode = config.mode
+        interceptor = self.interceptors.get(mode)
+        if mode is not Mode.OFF and interceptor is None:
+            self._count_error("mode_unavailable")
+            raise AgentError("precondition", f"pod {record.display_name}: mode {mode.value} is not available "
+                                             f"on this node (see `meshcni doctor`)")
+        pod = self._pod_net(record, config)
+        if interceptor is not None:
+            try:
+                if mode is Mode.EBPF:
+                    fds = self.listener_provider(record, pod) if self.listener_provider else None
+                    self.ebpf.capture(pod, listener_fds=fds)
+                else:
+                    interceptor.capture(pod)
+            except NamespaceNotFound as exc:
+                self._count_error("netns")
+                raise AgentError("not_found", str(exc)) from exc
+            except (SysError, OSError) as exc:
+                self._count_error("capture")
+                raise AgentError("internal", f"pod {record.display_name}: {mode.value} capture failed: {exc}") from exc
+        if previous is not None and previous is not mode:
+            problems = self._release(record, previous)
+            if problems:
+                log.warning("pod %s: leaving %s: %s", record.display_name, previous.value, "; ".join(problems))
+        record.mode, record.mode_source, record.config = mode.value, source, config.to_dict()
+        record.phase = "captured"
+        record.listener = self._listener_state(record) if mode is Mode.EBPF else "none"
+        self._persist(record)
+        log.info("pod %s captured: mode %s (%s)", record.display_name, mode.value, source)
+
+    def _release(self, record: PodRecord, mode: Mode) -> list[str]:
+        interceptor = self.interceptors.get(mode)
+        if interceptor is None:
+            return []
+        try:
+            interceptor.release(self._pod_net(record, PodConfig.from_dict(record.config).with_mode(mode)))
+        except (SysError, OSError) as exc:
+            return [f"{mode.value} release: {exc}"]
+        return []
+
+    def _listener_state(self, record: PodRecord) -> str:
+        slot = self.slot_of(record)
+        if slot is None:
+            return "none"
+        present = self.ebpf.maps["mcni_listeners_v1"].lookup(L.U32(slot * 2)) is not None
+        return "registered" if present else "pending"
+
+    def _persist(self, record: PodRecord) -> None:
+        try:
+            self.registry.put(record)
+        except SysError as exc:
+            raise AgentError("internal", str(exc)) from exc
+
+    def _count_error(self, reason: str) -> None:
+        self.enrol_errors[reason] = self.enrol_errors.get(reason, 0) + 1
+
+    @staticmethod
+    def _pod_net(record: PodRecord, config: PodConfig) -> PodNet:
+        return PodNet(key=record.container_id, netns=record.netns,
+                      ips=tuple(ipaddress.ip_address(ip) for ip in record.ips), config=config,
+                      name=record.pod_name, namespace=record.pod_namespace)
