@@ -43,6 +43,9 @@ class ProxySpec:
     http_ports: tuple[int, ...]  # destination ports handled as HTTP (header added); others stay raw TCP
     socket_path: Path
     app_http_port: int = 80
+    # True: the captured listeners are the agent-held sockets handed over by `meshcni proxy-exec`
+    # (`bind fd@"${MESHCNI_FD_*}"`); False: HAProxy binds 15001/15006 itself.
+    listen_fds: bool = False
 
 
 def render(spec: ProxySpec) -> str:
@@ -53,6 +56,15 @@ def render(spec: ProxySpec) -> str:
             return ""
         ports = " ".join(str(p) for p in spec.http_ports)
         return f"    use_backend {direction}_http if {{ dst_port {ports} }}\n"
+
+    if spec.listen_fds:
+        # HAProxy 2.4+ expands "${VAR}" in quoted words and has .if/.endif blocks for the optional v6 one.
+        outbound_bind = 'bind fd@"${MESHCNI_FD_OUTBOUND}"'
+        inbound_bind = ('bind fd@"${MESHCNI_FD_INBOUND}"\n.if defined(MESHCNI_FD_INBOUND6)\n'
+                        '    bind fd@"${MESHCNI_FD_INBOUND6}"\n.endif')
+    else:
+        outbound_bind = f"bind 127.0.0.1:{OUTBOUND_PORT}"
+        inbound_bind = f"bind 0.0.0.0:{INBOUND_PORT}"
 
     return f"""# Written by meshcni lab for pod {spec.pod}. Runs as uid/gid 1337 (Istio's proxy identity).
 global
@@ -66,7 +78,7 @@ defaults
     timeout http-request 30s
 
 frontend outbound
-    bind 127.0.0.1:{OUTBOUND_PORT}
+    {outbound_bind}
     mode tcp
 {route('outbound')}    default_backend outbound_tcp
 
@@ -80,7 +92,7 @@ backend outbound_tcp
     server orig 0.0.0.0
 
 frontend inbound
-    bind 0.0.0.0:{INBOUND_PORT}
+    {inbound_bind}
     mode tcp
 {route('inbound')}    default_backend inbound_tcp
 
