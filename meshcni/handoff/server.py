@@ -130,11 +130,12 @@ class HandoffServer:
 
     def _answer(self, conn: socket.socket) -> None:
         pid, uid, gid = protocol.peer_cred(conn)
+        # The request is read even from a peer about to be refused: closing with its bytes unread would
+        # reset the connection, and the peer would see "connection reset" instead of the reason.
+        request = _read_request(conn)
         reason = self._refusal(pid, uid)
-        if reason is None:
-            request = _read_request(conn)
-            if request != protocol.REQUEST:
-                reason = f"unknown request {request[:40]!r}"
+        if reason is None and request != protocol.REQUEST:
+            reason = f"unknown request {request[:40]!r}"
         if reason is not None:
             with self._lock:
                 self.refused += 1
