@@ -1,0 +1,202 @@
+"""The four paths the throughput bench compares, as backends with the same verbs (enter, url, check, leave).
+
+- `direct`: pod A's client talks to nginx in pod B; nothing is captured and no proxy is crossed.
+- `explicit`: no capture; the client targets its own sidecar's explicit listener (127.0.0.1:15101), which
+  forwards to pod B's sidecar (15106), which forwards to B's nginx — the cost of two proxy hops alone.
+- `ebpf`: the meshcni eBPF datapath is loaded on the lab's cgroup and both pods are enrolled; the client
+  dials B:80, connect4 sends it to A's sidecar (15001), sk_lookup steers the sidecar's connection into B's
+  inbound listener (15006).
+- `iptables`: the same path made by Istio's nat rules (REDIRECT) inside both pods' namespaces.
+The lab is created without capture; each mode switches its mechanism on in `enter` and fully off in
+`leave` (the eBPF programs are unloaded and unpinned, not just the pods released), so no mode pays for
+another's hooks, and `enter` of every mode first proves that nothing else is still capturing. The eBPF mode
+records its pin directory and enrolled pods in the lab state before touching them, so `lab down` cleans up
+even if the bench dies half-way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshcni.datapath.ebpf import EbpfDatapath
+from meshcni.datapath.iptables import OUR_CHAINS, IptablesInterceptor
+from meshcni.lab import haproxy
+from meshcni.lab.lab import pod_net
+from meshcni.lab.state import LabState, PodState
+from meshcni.sys import iptables as ipt
+
+from _evidence import CaptureNotVerified, ProxyPath
+from _wrk import WrkResult
+
+
+@dataclass
+class Bench:
+    """The lab under test and the two pods traffic flows between (src → dst)."""
+
+    state: LabState
+    src: PodState
+    dst: PodState
+    pin_dir: str  # where the eBPF mode pins its programs and maps while it is active
+    iptables: IptablesInterceptor = field(default_factory=IptablesInterceptor)
+    datapath: EbpfDatapath | None = None  # open only while the eBPF mode is active
+
+
+def capture_leftovers(b: Bench, *, ebpf: bool = True, iptables: bool = True) -> list[str]:
+    """Any capture mechanism still in place in the lab (what an uncaptured mode must not find)."""
+    found = []
+    if ebpf and (EbpfDatapath.is_loaded(b.pin_dir) or Path(b.pin_dir).exists()):
+        found.append(f"eBPF pins at {b.pin_dir}")
+    if iptables:
+        for pod in b.state.pods:
+            table = ipt.save(pod.netns, ipt.Family.IPV4, b.iptables.backend, "nat")
+            ours = sorted(set(OUR_CHAINS) & set(table.chains))
+            if ours:
+                found.append(f"iptables chains {', '.join(ours)} in pod {pod.name}")
+    return found
+
+
+class Mode:
+    """Defaults shared by the four modes: nothing to switch, the pod IP as target."""
+
+    name = ""
+    captured_by: str | None = None  # the mechanism this mode measures; None for the uncaptured modes
+
+    def enter(self, b: Bench) -> dict:
+        """Switch the mode on; returns facts worth recording (e.g. how long loading took)."""
+        left = capture_leftovers(b)
+        if left:
+            raise CaptureNotVerified(f"mode {self.name} must run uncaptured, but found: {'; '.join(left)}")
+        return {}
+
+    def leave(self, b: Bench) -> None:
+        """Switch the mode off again; the next mode's `enter` checks it really is off."""
+
+    def url(self, b: Bench, path: str) -> str:
+        return f"http://{b.dst.ip}:80{path}"
+
+    def proxy_path(self, b: Bench) -> ProxyPath:
+        return ProxyPath()
+
+    def counters(self, b: Bench) -> dict:
+        """Mechanism counters read around each run (beyond the proxies' own)."""
+        return {}
+
+    def check(self, b: Bench, moved: dict, result: WrkResult, close_each: bool, connections: int) -> list[str]:
+        """Extra problems a run's mechanism counters show (the proxy path is checked by the caller)."""
+        return []
+
+
+def _captured_path(b: Bench) -> ProxyPath:
+    # The outbound/inbound frontends are TCP mode and hand HTTP ports to the *_http backends.
+    return ProxyPath(
+        http_backends={b.src.name: "outbound_http", b.dst.name: "inbound_http"},
+        allowed_sections={b.src.name: frozenset({"outbound", "outbound_http"}),
+                          b.dst.name: frozenset({"inbound", "inbound_http"})},
+    )
+
+
+class Direct(Mode):
+    name = "direct"
+
+
+class Explicit(Mode):
+    name = "explicit"
+
+    def url(self, b: Bench, path: str) -> str:
+        return f"http://127.0.0.1:{haproxy.EXPLICIT_HTTP_OUT}{path}"
+
+    def proxy_path(self, b: Bench) -> ProxyPath:
+        return ProxyPath(
+            http_backends={b.src.name: "explicit_http_out", b.dst.name: "explicit_http_in"},
+            allowed_sections={b.src.name: frozenset({"explicit_http_out"}),
+                              b.dst.name: frozenset({"explicit_http_in"})},
+        )
+
+
+class Ebpf(Mode):
+    name = "ebpf"
+    captured_by = "ebpf"
+
+    def enter(self, b: Bench) -> dict:
+        left = capture_leftovers(b)
+        if left:
+            raise CaptureNotVerified(f"mode ebpf must start from an uncaptured lab, but found: {'; '.join(left)}")
+        st = b.state
+        st.bpf_pin_dir = b.pin_dir  # recorded first: `lab down` unloads whatever part of this exists
+        st.save()
+        t0 = time.monotonic()
+        b.datapath = EbpfDatapath.load(pin_dir=b.pin_dir, cgroup=st.cgroup)
+        load_s = time.monotonic() - t0
+        for pod in st.pods:
+            pod.captured = True
+            st.save()
+            b.datapath.capture(pod_net(pod))
+        problems = {p.name: b.datapath.verify(pod_net(p)) for p in st.pods}
+        if any(problems.values()):
+            raise CaptureNotVerified(f"the eBPF datapath reports incomplete capture: {problems}")
+        return {"bpf_load_s": round(load_s, 3), "splice": bool(b.datapath.splice)}
+
+    def leave(self, b: Bench) -> None:
+        st = b.state
+        if b.datapath is None:
+            return
+        dp, b.datapath = b.datapath, None
+        try:
+            for pod in st.pods:
+                if pod.captured:
+                    dp.release(pod_net(pod))
+                    pod.captured = False
+                    st.save()
+        finally:
+            dp.unload()  # detaches every link and removes every pin; closes the maps
+        st.bpf_pin_dir = None
+        st.save()
+
+    def proxy_path(self, b: Bench) -> ProxyPath:
+        return _captured_path(b)
+
+    def counters(self, b: Bench) -> dict:
+        assert b.datapath is not None, "ebpf counters read outside the mode"
+        return {p.name: b.datapath.counters(pod_net(p)) for p in (b.src, b.dst)}
+
+    def check(self, b: Bench, moved: dict, result: WrkResult, close_each: bool, connections: int) -> list[str]:
+        problems = []
+        # Keep-alive: each wrk connection is captured once; connection-per-request: every request is a connect.
+        want = result.requests if close_each else connections - result.errors.get("connect", 0)
+        got = moved.get(b.src.name, {}).get("outbound_captured", 0)
+        if got < want:
+            problems.append(f"connect4 captured {got} of pod {b.src.name}'s connects, expected at least {want}")
+        if moved.get(b.dst.name, {}).get("inbound_steered", 0) < 1:
+            problems.append(f"sk_lookup steered no connection into pod {b.dst.name}'s inbound listener")
+        return problems
+
+
+class Iptables(Mode):
+    name = "iptables"
+    captured_by = "iptables"
+
+    def enter(self, b: Bench) -> dict:
+        left = capture_leftovers(b)
+        if left:
+            raise CaptureNotVerified(
+                f"mode iptables must start from an uncaptured lab, but found: {'; '.join(left)}")
+        t0 = time.monotonic()
+        for pod in b.state.pods:
+            b.iptables.capture(pod_net(pod))
+        apply_s = time.monotonic() - t0
+        problems = {p.name: b.iptables.verify(pod_net(p)) for p in b.state.pods}
+        if any(problems.values()):
+            raise CaptureNotVerified(f"the iptables rules are not fully in place: {problems}")
+        return {"iptables_apply_s": round(apply_s, 3), "iptables_backend": b.iptables.backend.value}
+
+    def leave(self, b: Bench) -> None:
+        for pod in b.state.pods:
+            b.iptables.release(pod_net(pod))
+
+    def proxy_path(self, b: Bench) -> ProxyPath:
+        return _captured_path(b)
+
+
+MODES: dict[str, type[Mode]] = {m.name: m for m in (Direct, Explicit, Ebpf, Iptables)}
