@@ -27,6 +27,7 @@ def _register() -> None:
     main.add_command(install_cli.install_cni)
     main.add_command(lab_cli.lab)
     from meshcni.cli import proxy as proxy_cli; main.add_command(proxy_cli.proxy_exec)  # noqa: E702
+    from meshcni.cli import doctor as doctor_cli; main.add_command(doctor_cli.doctor)  # noqa: E702
     for command in (node_cli.status, node_cli.pods, node_cli.counters, node_cli.mode):
         main.add_command(command)
 
