@@ -1,0 +1,172 @@
+"""The throughput bench: a tiny real run (root) produces a well-formed report with every mode measured and
+its path verified, and leaves nothing behind; plus pure checks of the path verification it relies on, so a
+bench that would silently measure the wrong path is caught here rather than in a published figure.
+
+No timing assertions: only counts, structure and the evidence each mode must carry.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import _evidence  # noqa: E402
+import _report  # noqa: E402
+import _wrk  # noqa: E402
+
+try:
+    import bcc  # noqa: F401
+
+    HAVE_BCC = True
+except ImportError:
+    HAVE_BCC = False
+
+MODES = ["direct", "explicit", "ebpf", "iptables"]
+
+
+@pytest.mark.root
+def test_tiny_bench_run_measures_and_verifies_every_mode(tmp_path, unique_id):
+    if not HAVE_BCC:
+        pytest.skip("bcc (python3-bpfcc) is not installed")
+    out = tmp_path / "throughput.json"
+    name = f"t-bench-{unique_id}"
+    cp = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "throughput.py"), "--rounds", "1", "--duration", "1", "--warmup", "0",
+         "--profiles", "keep-alive", "--connections", "4", "--name", name, "--output", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert cp.returncode == 0, cp.stderr
+    report = json.loads(out.read_text())
+
+    assert report["benchmark"] == "throughput"
+    assert report["capture_verified"] is True
+    assert len(report["code"]["git_commit"]) == 40
+    assert len(report["code"]["bpf_sources_sha256"]) == 64
+    assert report["config"]["profiles"] == ["keep-alive"]
+    summary = report["summary"]["keep-alive"]
+    assert sorted(summary) == sorted(MODES)
+    for mode in MODES:
+        assert summary[mode]["requests_total"] > 0, mode
+        assert summary[mode]["rps_median"] > 0, mode
+
+    runs = {r["mode"]: r for r in report["runs"]}
+    assert sorted(runs) == sorted(MODES) and all(r["verified"] for r in runs.values())
+    src, dst = report["lab"]["src"]["pod"], report["lab"]["dst"]["pod"]
+    # Direct: not one proxy section moved. Explicit: the explicit listeners carried every request.
+    assert runs["direct"]["evidence"]["proxies"] == {}
+    explicit = runs["explicit"]["evidence"]["proxies"]
+    assert explicit[dst]["explicit_http_in/BACKEND"]["req_tot"] >= runs["explicit"]["wrk"]["requests"]
+    # Captured modes: both sidecars' capture listeners carried every request; eBPF counted its captures.
+    for mode in ("ebpf", "iptables"):
+        moved = runs[mode]["evidence"]["proxies"]
+        assert moved[src]["outbound_http/BACKEND"]["req_tot"] >= runs[mode]["wrk"]["requests"], mode
+        assert moved[dst]["inbound_http/BACKEND"]["req_tot"] >= runs[mode]["wrk"]["requests"], mode
+    mech = runs["ebpf"]["evidence"]["mechanism"]
+    assert mech[src]["outbound_captured"] >= 4 and mech[dst]["inbound_steered"] >= 1
+    assert runs["iptables"]["evidence"]["mechanism"] == {}
+    facts = {f["mode"]: f for f in report["mode_facts"]}
+    assert "bpf_load_s" in facts["ebpf"] and "iptables_backend" in facts["iptables"]
+
+    assert "| keep-alive | ebpf |" in report["table_markdown"]
+    assert report["table_markdown"] in cp.stdout
+    # The lab, its BPF pins and its state are gone.
+    assert not Path(f"/var/run/meshcni/lab/{name}").exists()
+    assert not Path(f"/sys/fs/bpf/meshcni-lab-{name}").exists()
+
+
+# ------------------------------------------------------------------------------ pure: path verification
+
+
+def _captured_path() -> _evidence.ProxyPath:
+    return _evidence.ProxyPath(
+        http_backends={"a": "outbound_http", "b": "inbound_http"},
+        allowed_sections={"a": frozenset({"outbound", "outbound_http"}), "b": frozenset({"inbound", "inbound_http"})},
+    )
+
+
+def _moved(a_reqs: int, b_reqs: int) -> dict:
+    return {
+        "a": {"outbound/FRONTEND": {"stot": 4}, "outbound_http/BACKEND": {"stot": a_reqs, "req_tot": a_reqs}},
+        "b": {"inbound/FRONTEND": {"stot": 4}, "inbound_http/BACKEND": {"stot": b_reqs, "req_tot": b_reqs}},
+    }
+
+
+def test_check_proxies_accepts_every_request_through_both_proxies():
+    assert _evidence.check_proxies(_captured_path(), _moved(1003, 1002), requests=1000, slack=8) == []
+
+
+def test_check_proxies_catches_requests_that_bypassed_a_proxy():
+    problems = _evidence.check_proxies(_captured_path(), _moved(1000, 990), requests=1000, slack=8)
+    assert len(problems) == 1 and "only 990 of the 1000" in problems[0] and "pod b" in problems[0]
+
+
+def test_check_proxies_catches_a_mode_that_measured_the_direct_path():
+    problems = _evidence.check_proxies(_captured_path(), {}, requests=1000, slack=8)
+    assert len(problems) == 2
+
+
+def test_check_proxies_catches_traffic_through_a_section_off_the_path():
+    moved = _moved(1000, 1000)
+    moved["a"]["explicit_http_out/BACKEND"] = {"req_tot": 1}
+    problems = _evidence.check_proxies(_captured_path(), moved, requests=1000, slack=8)
+    assert len(problems) == 1 and "explicit_http_out/BACKEND" in problems[0]
+
+
+def test_check_proxies_catches_another_client_in_the_lab():
+    problems = _evidence.check_proxies(_captured_path(), _moved(1100, 1000), requests=1000, slack=8)
+    assert len(problems) == 1 and "another client" in problems[0]
+
+
+def test_direct_path_allows_no_proxy_movement():
+    assert _evidence.check_proxies(_evidence.ProxyPath(), {}, requests=5, slack=0) == []
+    assert len(_evidence.check_proxies(_evidence.ProxyPath(), _moved(5, 5), requests=5, slack=0)) == 4
+
+
+def test_delta_keeps_only_what_moved():
+    before = {"a": {"x/FRONTEND": {"stot": 3, "req_tot": 0}, "y/BACKEND": {"stot": 1, "req_tot": 1}}}
+    after = {"a": {"x/FRONTEND": {"stot": 5, "req_tot": 0}, "y/BACKEND": {"stot": 1, "req_tot": 1}}, "b": {}}
+    assert _evidence.delta(before, after) == {"a": {"x/FRONTEND": {"stot": 2}}}
+
+
+# ----------------------------------------------------------------------------------- pure: wrk and report
+
+
+def test_wrk_argv_and_parse():
+    spec = _wrk.WrkSpec(url="http://10.0.0.2:80/", duration_s=3, connections=8, threads=2, close_each=True)
+    argv = _wrk.argv("wrk", spec, Path("/tmp/x.lua"))
+    assert argv[-1] == "http://10.0.0.2:80/" and "Connection: close" in argv and "-d" in argv
+    assert argv[argv.index("-d") + 1] == "3s" and argv[argv.index("-c") + 1] == "8"
+    line = (_wrk.JSON_MARKER + '{"requests": 3000, "duration_us": 3000000, "bytes": 9, "errors": {"connect": 0, '
+            '"read": 1, "write": 0, "status": 0, "timeout": 0}, "latency_us": {"min": 1, "mean": 2.0, "max": 9, '
+            '"stdev": 1.0, "percentiles": {"50": 1500, "90": 2000, "99": 4000, "99.9": 8000}}}')
+    res = _wrk.parse("Running 3s test\n" + line + "\n")
+    assert res.requests == 3000 and res.rps == 1000 and res.error_total == 1 and res.percentile_ms(99) == 4.0
+    with pytest.raises(_wrk.WrkError):
+        _wrk.parse("Running 3s test\nno json here\n")
+
+
+def _run(mode: str, profile: str, rps: float, p99_us: int) -> dict:
+    return {"mode": mode, "profile": profile, "wrk": {
+        "rps": rps, "requests": int(rps), "errors": {"read": 0},
+        "latency_us": {"percentiles": {"50": p99_us // 2, "99": p99_us}}}}
+
+
+def test_report_medians_ratios_and_targets():
+    runs = [_run("ebpf", "close", r, 2000) for r in (1150, 1300, 900)]
+    runs += [_run("iptables", "close", r, 2500) for r in (1000, 1000, 1100)]
+    summary = _report.summarize(runs)
+    assert summary["close"]["ebpf"]["rps_median"] == 1150 and summary["close"]["ebpf"]["rps_min"] == 900
+    assert _report.ratios(summary)["close"] == {"rps_ebpf_over_iptables": 1.15, "p50_ebpf_over_iptables": 0.8,
+                                                "p99_ebpf_over_iptables": 0.8}
+    verdicts = {v["target"]: v["met"] for v in _report.targets(summary)}
+    assert verdicts == {"ebpf req/s ≥ 1.15× iptables (connection-per-request)": True,
+                        "ebpf p99 no worse than iptables (connection-per-request)": True}
+    assert "| connection-per-request | ebpf | 1,150 |" in _report.markdown(summary, _report.ratios(summary),
+                                                                            _report.targets(summary), ["ebpf", "iptables"])
