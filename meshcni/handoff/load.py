@@ -48,9 +48,9 @@ class Load:
                 return "connect_timeout"
             except OSError:
                 return "connect_error"
+            data = b""
             try:
                 s.sendall(self.request)
-                data = b""
                 while True:
                     chunk = s.recv(65536)
                     if not chunk:
@@ -59,7 +59,9 @@ class Load:
             except socket.timeout:
                 return "timeout"
             except OSError:
-                return "reset"
+                # An RST after the whole response arrived (a proxy killed while closing) cost the client
+                # nothing; only a response cut short is a failure.
+                return "reset" if _judge(data, self.expect, need_length=True) == "reset" else _judge(data, self.expect)
         finally:
             s.close()
         return _judge(data, self.expect)
@@ -82,7 +84,7 @@ class Load:
                 "samples": self.samples, "seconds": round(seconds, 3)}
 
 
-def _judge(data: bytes, expect: bytes | None) -> str | None:
+def _judge(data: bytes, expect: bytes | None, need_length: bool = False) -> str | None:
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep:
         return "reset"  # EOF before the end of the headers
@@ -95,6 +97,8 @@ def _judge(data: bytes, expect: bytes | None) -> str | None:
         k, _, v = line.partition(b":")
         headers[k.strip().lower()] = v.strip()
     length = headers.get(b"content-length")
+    if length is None and need_length:
+        return "reset"  # no length and no clean EOF: whether it is complete cannot be told
     if length is not None and len(body) < int(length):
         return "reset"  # cut off mid-body
     if expect is not None:

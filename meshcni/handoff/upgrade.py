@@ -37,7 +37,7 @@ from meshcni.sys import netns, proc
 
 READY_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 30.0
-_TCP_ESTABLISHED = "01"
+_TCP_LISTEN = "0A"
 
 
 @dataclass
@@ -257,7 +257,7 @@ def wait_exit(p: subprocess.Popen | int, timeout: float) -> bool:
 
 
 def accepted_connections(pid: int, netns_path: str) -> int:
-    """Established TCP sockets of `pid` that it accepted (not ones it connected upstream).
+    """Connected TCP sockets of `pid` that it accepted (not ones it connected upstream), in any state but LISTEN.
 
     An accepted socket's local port is a listening port (or, after sk_lookup, the original destination port);
     an upstream one has an ephemeral local port from the netns's ip_local_port_range.
@@ -273,7 +273,7 @@ def accepted_connections(pid: int, netns_path: str) -> int:
             continue
         for line in lines:
             f = line.split()
-            if f[3] == _TCP_ESTABLISHED and int(f[9]) in inodes and not low <= int(f[1].rsplit(":", 1)[1], 16) <= high:
+            if f[3] != _TCP_LISTEN and int(f[9]) in inodes and not low <= int(f[1].rsplit(":", 1)[1], 16) <= high:
                 count += 1
     return count
 
