@@ -35,3 +35,15 @@ static __always_inline int mcni_cidr_match(__u32 slot, __u32 kind, const struct 
 	return mcni_cidrs_v1.lookup(&key) != 0;
 }
 
+
+/* Whether an established socket may be put into mcni_socks_v1. Only sockets whose peer can be on this node
+ * are worth a psock: a loopback pair (both ends in this netns) or a peer address that is a pod here (the
+ * peer may sit in another pod's netns; tuples of such pairs carry netns 0 and find each other by pod IP).
+ * Any other peer is off-node and the redirect could never succeed. Note that a psock changes how the
+ * socket's recvmsg behaves (tcp_bpf_recvmsg): see "Splicing" in docs/architecture.md. */
+static __always_inline int mcni_splice_candidate(const struct mcni_tuple *t)
+{
+	if (t->netns)
+		return 1;
+	return mcni_pod_ips_v1.lookup((struct mcni_ip *)&t->remote) != 0;
+}

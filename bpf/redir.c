@@ -4,7 +4,10 @@
  *
  * A message sent on one end is queued directly on the receive queue of the peer socket (BPF_F_INGRESS),
  * skipping TCP, IP and the loopback or veth device. When the peer is not in the map (it is off-node, or not
- * yet established) the redirect helper leaves the message alone and it takes the normal path.
+ * yet established) the redirect helper fails and the program still answers SK_PASS, so the message takes
+ * the normal TCP path: SK_DROP there would discard the application's bytes. A stream that used TCP once
+ * stays on TCP (mcni_nosplice_v1), because the peer's receive path reads the sk_msg queue before the TCP
+ * queue and a later spliced message would overtake bytes still in flight.
  */
 #include "meshcni.h"
 

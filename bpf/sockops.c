@@ -41,12 +41,7 @@ static __always_inline void mcni_established(struct bpf_sock_ops *skops, const s
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	}
 
-	if (!(pod->flags & MCNI_F_SPLICE))
-		return;
-	/* Splice only pairs whose both ends live in this netns (the app<->proxy hop over loopback, the proxy's
-	 * 127.0.0.6 passthrough). Pod-to-pod pairs across two namespaces are left to TCP: spliced through
-	 * sk_msg they lost data under bulk transfer on 6.18 in tests/root/test_datapath.py. */
-	if (!t.netns)
+	if (!(pod->flags & MCNI_F_SPLICE) || !mcni_splice_candidate(&t))
 		return;
 	/* (bcc rewrites map methods only as whole statements, hence the temporary) */
 	long rc = mcni_socks_v1.sock_hash_update(skops, &t, BPF_ANY);
