@@ -33,6 +33,12 @@ def _up_options(f: Callable) -> Callable:
             "--capture/--no-capture", default=True, show_default=True, help="Capture pod traffic with the eBPF datapath."
         ),
         click.option(
+            "--agent/--no-agent", default=True, show_default=True,
+            help="Enrol pods through the lab's own agent and the meshcni CNI plugin (else straight into the datapath).",
+        ),
+        click.option("--mode", "agent_mode", type=click.Choice(["ebpf", "iptables", "off"]), default="ebpf",
+                     show_default=True, help="The lab agent's node mode."),
+        click.option(
             "--proxy-http-ports",
             default="80,8080",
             show_default=True,
@@ -54,12 +60,15 @@ def _up_options(f: Callable) -> Callable:
     return f
 
 
-def _options(name, state_dir, pods, capture, proxy_http_ports, cni_path, chain_plugins, ready_timeout):
+def _options(name, state_dir, pods, capture, agent, agent_mode, proxy_http_ports, cni_path, chain_plugins,
+             ready_timeout):
     return lab_core.LabOptions(
         name=name,
         pods=pods,
         state_dir=state_dir,
         capture=capture,
+        agent=agent,
+        agent_mode=agent_mode,
         proxy_http_ports=_ports(proxy_http_ports),
         cni_path=tuple(p for p in cni_path.split(":") if p),
         chain_plugins=tuple(_plugin(p) for p in chain_plugins),

@@ -14,6 +14,7 @@ import fcntl
 import ipaddress
 import json
 import shutil
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,11 @@ from typing import Any, Mapping
 
 from meshcni.config import PodConfig
 from meshcni.datapath.interceptor import PodNet
+from meshcni.lab import agent as lab_agent
 from meshcni.lab import cni, haproxy, host, pod as podproc
 from meshcni.lab.state import (
     DEFAULT_STATE_ROOT,
+    LAB_NAMESPACE,
     LabError,
     LabNames,
     LabState,
@@ -36,7 +39,6 @@ from meshcni.sys.errors import SysError
 
 SUBNET_BASE = ipaddress.ip_network("10.233.0.0/16")
 MAX_PODS = 200
-LAB_NAMESPACE = "lab"  # the Kubernetes namespace lab pods claim to live in
 
 
 @dataclass
@@ -45,6 +47,9 @@ class LabOptions:
     pods: int = 2
     state_dir: Path | None = None
     capture: bool = True
+    agent: bool = True  # capture through the lab's own agent + CNI plugin; False: enrol straight into the datapath
+    agent_mode: str = "ebpf"
+    annotations: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # pod name -> its annotations
     proxy_http_ports: tuple[int, ...] = (80, 8080)
     cni_path: tuple[str, ...] = (cni.REFERENCE_PLUGIN_DIR,)
     chain_plugins: tuple[Mapping[str, Any], ...] = ()  # appended after bridge+loopback (e.g. meshcni)
@@ -120,6 +125,7 @@ def _allocate(opts: LabOptions, state_dir: Path, names: LabNames) -> LabState:
     with open(DEFAULT_STATE_ROOT / ".alloc.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         index = _free_subnet_index(opts.name)
+        use_agent = opts.capture and opts.agent
         subnet = str(list(SUBNET_BASE.subnets(new_prefix=24))[index])
         state_dir.mkdir(parents=True, exist_ok=True)
         state_dir.chmod(0o755)
@@ -134,9 +140,12 @@ def _allocate(opts: LabOptions, state_dir: Path, names: LabNames) -> LabState:
             capture=opts.capture,
             proxy_http_ports=list(opts.proxy_http_ports),
             conflist=cni.build_conflist(
-                f"meshcni-lab-{opts.name}", bridge, subnet, state_dir / "ipam", extra=opts.chain_plugins
+                f"meshcni-lab-{opts.name}", bridge, subnet, state_dir / "ipam",
+                extra=tuple(opts.chain_plugins) + ((lab_agent.plugin_conf(state_dir),) if use_agent else ()),
             ),
-            cni_path=list(opts.cni_path),
+            cni_path=([str(lab_agent.paths(state_dir)["bin"])] if use_agent else []) + list(opts.cni_path),
+            use_agent=use_agent,
+            agent_mode=opts.agent_mode,
         )
         state.save()
     return state
@@ -178,6 +187,9 @@ def _build(opts: LabOptions, state: LabState, names: LabNames, datapath_cls) -> 
     (conf_dir / f"{state.conflist['name']}.conflist").write_text(json.dumps(state.conflist, indent=2) + "\n")
     state.save()
 
+    if state.use_agent:
+        lab_agent.install_plugin(state)
+        lab_agent.start(state, names, opts.annotations)
     rt = cni.runtime(state.cni_path, state.state_dir)
     for i in range(opts.pods):
         netns_name = names.netns(i)
@@ -189,6 +201,7 @@ def _build(opts: LabOptions, state: LabState, names: LabNames, datapath_cls) -> 
         host.netns_add(netns_name)
         pod.cni_added = True
         state.save()
+        pod.captured = state.use_agent  # the chain's meshcni plugin enrols it; DEL must release it
         result = cni.add(rt, state.conflist, _attachment(pod, pod.netns))
         pod.ip, pod.mac = cni.pod_address(result, pod.ifname)
         state.save()
@@ -197,7 +210,9 @@ def _build(opts: LabOptions, state: LabState, names: LabNames, datapath_cls) -> 
         peer = state.pods[(pod.index + 1) % len(state.pods)]
         podproc.start(state, pod, peer, opts.ready_timeout)
 
-    if datapath_cls is not None:
+    if state.use_agent:
+        _wait_listeners(state, opts.ready_timeout)
+    elif datapath_cls is not None:
         state.bpf_pin_dir = str(names.bpf_pin_dir)
         state.save()
         dp = datapath_cls.load(pin_dir=state.bpf_pin_dir, cgroup=state.cgroup)
@@ -210,6 +225,22 @@ def _build(opts: LabOptions, state: LabState, names: LabNames, datapath_cls) -> 
             dp.close()
     state.phase = "ready"
     state.save()
+
+
+def _wait_listeners(state: LabState, timeout: float) -> None:
+    """The agent adopts each proxy's inbound listener once it listens; the lab is ready when all are in."""
+    from meshcni.agent.client import AgentClient
+
+    deadline = time.monotonic() + timeout
+    with AgentClient(str(lab_agent.paths(state)["socket"])) as client:
+        while True:
+            pending = [p["pod_name"] for p in client.list_pods() if p["mode"] == "ebpf" and p["listener"] != "registered"]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"the agent has not registered the proxy listener of {', '.join(pending)} "
+                               f"after {timeout:g}s: {lab_agent.tail(lab_agent.paths(state)['log'])}")
+            time.sleep(0.05)
 
 
 def _attachment(pod: PodState, netns: str):
@@ -259,6 +290,11 @@ def down(name: str, state_dir: Path | None = None) -> DownReport:
 def teardown(state: LabState) -> DownReport:
     """Undo `up` in reverse order, continuing past failures; the state file survives only if something failed."""
     r = DownReport()
+    if state.agent_process:  # first, so it does not re-enrol what the next step releases
+        errs = lab_agent.stop(state)
+        r.errors.extend(errs)
+        if not errs:
+            r.removed.append("lab agent")
     _release_capture(state, r)
     for pod in state.pods:
         errs = podproc.stop(pod)

@@ -18,6 +18,7 @@ from meshcni.sys.proc import ProcessRef
 DEFAULT_STATE_ROOT = Path("/var/run/meshcni/lab")
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+LAB_NAMESPACE = "lab"  # the Kubernetes namespace lab pods claim to live in (CNI_ARGS K8S_POD_NAMESPACE)
 NETNS_DIR = Path("/var/run/netns")
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
@@ -107,6 +108,10 @@ class LabState:
     host_ip_forward_before: str | None = None
     bpf_pin_dir: str | None = None
     pods: list[PodState] = field(default_factory=list)
+    use_agent: bool = False  # pods are enrolled by the lab's own agent through the meshcni CNI plugin
+    agent_mode: str = "ebpf"  # the agent's node mode
+    agent_process: dict | None = None  # ProcessRef.to_dict() of the running agent
+    agent_metrics: str | None = None  # host:port of its /metrics
     phase: str = "creating"  # creating -> ready; "failed" after a rolled-back up
     version: int = STATE_VERSION
 

@@ -138,9 +138,25 @@ def test_failed_capture_rolls_back_pins_processes_and_netns(unique_id, monkeypat
     monkeypatch.setattr(EbpfDatapath, "capture", capture_then_fail)
     try:
         with pytest.raises(LabError, match="injected capture failure.*rolled back"):
-            lab_core.up(lab_core.LabOptions(name=name, capture=True))
+            lab_core.up(lab_core.LabOptions(name=name, capture=True, agent=False))
         # Checked before the safety net below, which would otherwise hide an incomplete rollback.
         assert enrolled == ["a"]
+        assert not Path(f"/sys/fs/bpf/meshcni-lab-{name}").exists()
+        assert not any(ns.startswith(f"mcni-lab-{name}-") for ns in lab_core.host.netns_names())
+        assert not Path(f"/var/run/meshcni/lab/{name}").exists()
+    finally:
+        lab_core.down(name)
+
+
+def test_agent_refusing_a_pod_rolls_the_whole_lab_back(unique_id):
+    """Through the agent: a pod whose annotation is malformed is refused at CNI ADD, and `up` undoes it all."""
+    if not HAVE_BCC:
+        pytest.skip("bcc (python3-bpfcc) is not installed")
+    name = f"t-{unique_id}"
+    try:
+        with pytest.raises(LabError, match="meshcni.io/mode.*bogus") as info:
+            lab_core.up(lab_core.LabOptions(name=name, annotations={"b": {"meshcni.io/mode": "bogus"}}))
+        assert "rolled back" in str(info.value)
         assert not Path(f"/sys/fs/bpf/meshcni-lab-{name}").exists()
         assert not any(ns.startswith(f"mcni-lab-{name}-") for ns in lab_core.host.netns_names())
         assert not Path(f"/var/run/meshcni/lab/{name}").exists()
