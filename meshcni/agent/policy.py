@@ -67,6 +67,10 @@ class LocalPolicyFile:
         pass
 
     def annotations(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            self.refresh()  # one stat(): an ADD right after an edit must see the edit
+        except PolicyError:
+            pass  # the last good policy stays in force; the agent's loop logs the error
         with self._lock:
             merged = self._merge(namespace, name)
             self._known[(namespace, name)] = merged

@@ -99,6 +99,11 @@ class EbpfDatapath:
                 try:
                     if bpf.link_prog_id(link_fd) != bpf.prog_info(prog_fds["sk_lookup"]).id:
                         bpf.link_update(link_fd, prog_fds["sk_lookup"], link.name)
+                except BpfError as exc:
+                    if exc.errno != errno.ENOLINK:
+                        raise
+                    # the pod's netns is gone, which severs its link: nothing is left to update
+                    link.unlink()
                 finally:
                     os.close(link_fd)
             return dp

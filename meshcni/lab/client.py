@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import sys
 import threading
@@ -80,6 +81,38 @@ def tcp_echo(host: str, port: int, nbytes: int) -> dict:
     }
 
 
+def load(host: str, port: int, stop_file: str, path: str = "/", max_seconds: float = 600.0) -> dict:
+    """Connection-per-request HTTP until `stop_file` exists: every new connection must succeed.
+
+    This is the load a zero-loss claim is measured under (agent restarts, mode toggles, proxy upgrades):
+    each request opens a fresh connection, so any moment capture is not in place, or a listener is
+    missing, shows up as a refused or reset connection. Failures are counted by reason, never retried.
+    """
+    ok = failed = 0
+    errors: dict[str, int] = {}
+    proxies: dict[str, int] = {}
+    deadline = time.monotonic() + max_seconds
+    while not os.path.exists(stop_file) and time.monotonic() < deadline:
+        conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+        try:
+            conn.request("GET", path, headers={"user-agent": "meshcni-lab-load", "connection": "close"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise http.client.HTTPException(f"status {resp.status}")
+            ok += 1
+            via = ",".join(v for k, v in resp.getheaders() if k.lower() == "x-meshcni-proxy") or "direct"
+            proxies[via] = proxies.get(via, 0) + 1
+        except (OSError, http.client.HTTPException) as exc:
+            failed += 1
+            reason = f"{type(exc).__name__}: {exc}"[:120]
+            errors[reason] = errors.get(reason, 0) + 1
+        finally:
+            conn.close()
+    return {"kind": "load", "url": f"http://{host}:{port}{path}", "ok": ok, "failed": failed, "errors": errors,
+            "via": proxies}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -93,9 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("host")
     t.add_argument("port", type=int)
     t.add_argument("--bytes", type=int, default=1 << 20)
+    ld = sub.add_parser("load")
+    ld.add_argument("host")
+    ld.add_argument("port", type=int)
+    ld.add_argument("--stop-file", required=True)
+    ld.add_argument("--path", default="/")
     args = parser.parse_args(argv)
     try:
-        if args.kind == "http":
+        if args.kind == "load":
+            result = load(args.host, args.port, args.stop_file, args.path)
+        elif args.kind == "http":
             result = http_request(args.host, args.port, args.path, args.method, args.body_bytes)
         else:
             result = tcp_echo(args.host, args.port, args.bytes)

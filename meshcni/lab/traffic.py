@@ -9,7 +9,10 @@ counters when the lab captures.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 
 from meshcni.lab import haproxy
 from meshcni.lab import pod as podproc
@@ -53,6 +56,40 @@ def request(
 
 def echo(state: LabState, src: PodState, host: str, port: int, nbytes: int) -> dict:
     return run_client(state, src, ["tcp", host, str(port), "--bytes", str(nbytes)])
+
+
+class BackgroundLoad:
+    """Connection-per-request load from one pod to another, running until `stop()`; see client.load."""
+
+    def __init__(self, state: LabState, src: PodState, host: str, port: int = 80):
+        fd, self._stop_file = tempfile.mkstemp(prefix="mcni-load-", dir=state.state_dir)
+        os.close(fd)
+        os.unlink(self._stop_file)  # its appearance is the stop signal
+        self.src = src
+        self._proc = proc.spawn(
+            [sys.executable, "-m", "meshcni.lab.client", "load", host, str(port), "--stop-file", self._stop_file],
+            netns=src.netns, cgroup=state.cgroup, uid=podproc.APP_UID, gid=podproc.APP_GID, cwd="/",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+
+    def stop(self, timeout: float = CLIENT_TIMEOUT) -> dict:
+        """Stop the load and return its report: ok, failed, errors by reason, and which proxies served."""
+        open(self._stop_file, "w").close()
+        try:
+            out, err = self._proc.communicate(timeout=timeout)
+        finally:
+            os.unlink(self._stop_file)
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise LabError(f"the load client in pod {self.src.name} failed: {err.decode()[-500:]}") from None
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if os.path.exists(self._stop_file):
+            os.unlink(self._stop_file)
 
 
 def proxy_headers(report: dict) -> list[str]:
