@@ -34,6 +34,7 @@ class Load:
         self.samples: list[dict] = []
         self.lock = threading.Lock()
         self.first_ok = threading.Event()
+        self.last_error = None
 
     def one(self) -> str | None:
         """One request on a fresh connection; None on success, else the failure kind."""
@@ -46,7 +47,8 @@ class Load:
                 return "refused"
             except socket.timeout:
                 return "connect_timeout"
-            except OSError:
+            except OSError as exc:
+                self.last_error = exc.strerror or str(exc)
                 return "connect_error"
             data = b""
             try:
@@ -76,7 +78,7 @@ class Load:
                 else:
                     self.failures[kind] += 1
                     if len(self.samples) < 50:
-                        self.samples.append({"kind": kind, "time": time.time()})
+                        self.samples.append({"kind": kind, "time": time.time(), "error": self.last_error})
 
     def report(self, seconds: float) -> dict:
         failed = sum(self.failures.values())

@@ -20,7 +20,7 @@ from pathlib import Path
 from meshcni.config import Mode, PROXY_GID, PROXY_UID
 from meshcni.handoff.listeners import PodListeners
 from meshcni.handoff.server import HandoffServer, adopt_from_pid
-from meshcni.handoff.upgrade import ProxyLauncher, UpgradeStats, wait_ready
+from meshcni.handoff.upgrade import ProxyLauncher, UpgradeStats, enable_request_migration, wait_ready
 from meshcni.lab import haproxy
 from meshcni.lab import lab as lab_core
 from meshcni.lab import pod as podproc
@@ -87,6 +87,8 @@ class HotUpgradeRig:
         self.launcher = ProxyLauncher(argv=argv, netns=b.netns, handoff_socket=handoff_socket,
                                       stats_socket=str(spec.socket_path), uid=PROXY_UID, gid=PROXY_GID,
                                       cgroup=self.state.cgroup, log=str(d / "haproxy-upgrades.log"))
+        if self.proxy_mode == "own":
+            enable_request_migration(b.netns)  # the agent's part for self-binding proxies (see adopt)
         self.current = self.launcher.start()
         wait_ready(self.launcher, self.current, 15.0)
         self._capture()

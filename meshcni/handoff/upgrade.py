@@ -188,6 +188,19 @@ def _adopt(launcher, old, port, swap, ready_timeout, drain_timeout) -> UpgradeRe
 # ------------------------------------------------------------------------------------------------- helpers
 
 
+def enable_request_migration(netns_path: str) -> None:
+    """Set net.ipv4.tcp_migrate_req=1 in the pod's netns (Linux 5.14+; a per-netns sysctl, the host is untouched).
+
+    For adoption: when the old proxy closes its SO_REUSEPORT listener, connections still in its accept queue or
+    mid-handshake are moved to another listener of the group (the new proxy's) instead of being reset.
+    """
+    with netns.in_netns(netns_path):
+        try:
+            Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1")
+        except OSError as exc:
+            raise UpgradeError(f"cannot enable tcp_migrate_req in {netns_path}: {exc.strerror}") from exc
+
+
 def wait_ready(launcher: ProxyLauncher, p: subprocess.Popen, timeout: float,
                listeners: PodListeners | None = None) -> int:
     """Wait until the new proxy answers; returns the peak accept-queue length seen on `listeners` meanwhile."""
