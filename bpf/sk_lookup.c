@@ -7,6 +7,12 @@
  * destination and the proxy needs no SO_ORIGINAL_DST at all. sk_lookup cannot read the netns cookie (the
  * helper is not allowed for this program type as of 6.18), so the pod is found by its destination IP.
  * Sockets can be swapped in the map at any time: that is the lever for proxy hot upgrades.
+ *
+ * A steered connection from another pod on this node is recorded in mcni_proxy_ends_v1 under the tuple its
+ * accepted socket will have (the local address is the original destination, not the listener's port), so that
+ * sockops can tell the proxy's accepted socket from an app's when it becomes established: that is the passive
+ * end of a proxy <-> proxy pair (the connector may be an app that bypassed capture, whose socket then is not
+ * spliced and the pair stays on TCP).
  */
 #include "meshcni.h"
 
@@ -53,9 +59,17 @@ int mcni_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
-	if (err)
+	if (err) {
 		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
-	else
-		mcni_count(pod->slot, MCNI_CTR_INBOUND_STEERED, 1);
+		return SK_PASS;
+	}
+	mcni_count(pod->slot, MCNI_CTR_INBOUND_STEERED, 1);
+	if (pod->flags & MCNI_F_SPLICE) {
+		/* the accepted socket's tuple as sockops will see it; netns 0 since neither end is loopback */
+		struct mcni_tuple t = { .netns = 0, .local = dst, .remote = src, .local_port = port };
+		t.remote_port = bpf_ntohs((__u16)MCNI_CTX_U32(ctx, remote_port));
+		if (mcni_proxy_pair_candidate(&t))
+			mcni_mark_proxy_end(pod->slot, &t);
+	}
 	return SK_PASS;
 }

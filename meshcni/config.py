@@ -25,6 +25,8 @@ INBOUND_PASSTHROUGH_SRC = "127.0.0.6"
 ALWAYS_EXCLUDED_INBOUND = (15008, 15020, 15021, 15090)
 
 ANN_MODE = "meshcni.io/mode"
+# "true": the app's own sockets may be spliced with sk_msg too (safe only for apps that retry EAGAIN).
+ANN_SPLICE_APP = "meshcni.io/splice-app"
 ANN_INJECT = "sidecar.istio.io/inject"
 ANN_PREFIX = "traffic.sidecar.istio.io/"
 ANN_INCLUDE_INBOUND_PORTS = ANN_PREFIX + "includeInboundPorts"
@@ -65,6 +67,9 @@ class PodConfig:
     exclude_outbound_ports: tuple[int, ...] = ()
     include_outbound_cidrs: tuple[IpNetwork, ...] | None = None
     exclude_outbound_cidrs: tuple[IpNetwork, ...] = ()
+    # Splicing puts a socket under tcp_bpf_recvmsg, which can answer EAGAIN to a blocking reader on 6.18; only
+    # the sidecar proxy's sockets are spliced unless the pod says its app copes (see docs/architecture.md).
+    splice_app: bool = False
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -98,6 +103,7 @@ class PodConfig:
             "exclude_outbound_ports": list(self.exclude_outbound_ports),
             "include_outbound_cidrs": cidrs(self.include_outbound_cidrs),
             "exclude_outbound_cidrs": [str(n) for n in self.exclude_outbound_cidrs],
+            "splice_app": self.splice_app,
         }
 
     @classmethod
@@ -120,6 +126,7 @@ class PodConfig:
                 if incl_cidrs is None
                 else _cidrs("include_outbound_cidrs", incl_cidrs),
                 exclude_outbound_cidrs=_cidrs("exclude_outbound_cidrs", data.get("exclude_outbound_cidrs", [])),
+                splice_app=_check_bool("splice_app", data.get("splice_app", False)),
             )
         except ValueError as exc:
             if isinstance(exc, ConfigError):
@@ -160,11 +167,26 @@ class PodConfig:
             changes["exclude_outbound_cidrs"] = _cidrs(
                 ANN_EXCLUDE_OUTBOUND_CIDRS, _split(annotations[ANN_EXCLUDE_OUTBOUND_CIDRS])
             )
+        if ANN_SPLICE_APP in annotations:
+            changes["splice_app"] = _bool(ANN_SPLICE_APP, annotations[ANN_SPLICE_APP])
         return replace(base, **changes)
 
 
 def _split(raw: str) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("true", "false"):
+        raise ConfigError(f"{name}: {raw!r} is not true or false")
+    return value == "true"
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: {value!r} is not true or false")
+    return value
 
 
 def _check_port(name: str, value) -> int:

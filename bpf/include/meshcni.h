@@ -47,7 +47,8 @@
 #define MCNI_F_CAPTURE_INBOUND    (1u << 1)  /* SYNs to the pod go to the proxy's inbound listener */
 #define MCNI_F_INBOUND_ALL_PORTS  (1u << 2)  /* includeInboundPorts: "*" */
 #define MCNI_F_OUTBOUND_ALL_CIDRS (1u << 3)  /* includeOutboundIPRanges: "*" */
-#define MCNI_F_SPLICE             (1u << 4)  /* splice local socket pairs with sk_msg */
+#define MCNI_F_SPLICE             (1u << 4)  /* splice proxy<->proxy pairs on this node with sk_msg */
+#define MCNI_F_SPLICE_APP         (1u << 5)  /* with MCNI_F_SPLICE: the app's own sockets may be spliced too */
 
 /* Port and CIDR policy kinds. */
 #define MCNI_DIR_INBOUND  1
@@ -159,6 +160,13 @@ struct mcni_socks_v1_table_t {
 };
 __attribute__((section("maps/sockhash:" MCNI_PIN(mcni_socks_v1))))
 struct mcni_socks_v1_table_t mcni_socks_v1 = { .max_entries = MCNI_MAX_CONNS };
+/* tuple of a socket that is a sidecar proxy's end of a connection to another pod on this node, recorded before
+ * it is established: by sockops at TCP_CONNECT_CB (process context, so the connecting task's uid is the
+ * socket owner's) for the proxy's outgoing sockets, and by sk_lookup for connections it steers to the proxy's
+ * inbound listener. Read and deleted at ESTABLISHED, where the owner can no longer be told (that callback may
+ * run in softirq); LRU bounds what handshakes that never complete leave behind. */
+BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, __u8, mcni_proxy_ends_v1, MCNI_MAX_CONNS,
+                 MCNI_PIN(mcni_proxy_ends_v1));
 /* tuple of a socket that sent data the normal way once: it must never be spliced afterwards, or its peer
  * would read spliced bytes ahead of bytes still queued in TCP (the peer's receive path reads the sk_msg
  * queue first). Cleared when the socket closes; LRU bounds it if a close is missed. */

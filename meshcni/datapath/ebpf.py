@@ -56,9 +56,11 @@ class EbpfDatapath:
     mode = Mode.EBPF
 
     def __init__(self, pin_dir: Path, maps: dict[str, bpf.RawMap], counters: bpf.RawMap):
-        # sk_msg splicing of same-pod socket pairs is off unless asked for: under bulk transfer on 6.18 it
-        # truncated streams in our tests (see docs/architecture.md), and a mesh must never lose bytes.
-        self.splice = False
+        # sk_msg splicing is on for the sidecar proxies' own sockets (proxy <-> proxy pairs on this node), which
+        # are non-blocking event loops; an app's sockets only with its pod's `splice_app`, because a spliced
+        # socket can answer EAGAIN to a blocking reader on 6.18 (see "Splicing" in docs/architecture.md).
+        # False turns splicing off for every pod enrolled afterwards.
+        self.splice = True
         self.pin_dir = Path(pin_dir)
         self.pins = loader.Pins(self.pin_dir)
         self.maps = maps
@@ -363,6 +365,8 @@ class EbpfDatapath:
 
 def _pod_struct(slot: int, config: PodConfig, splice: bool, directions=BOTH) -> L.Pod:
     flags = L.F_SPLICE if splice else 0
+    if splice and config.splice_app:
+        flags |= L.F_SPLICE_APP
     if config.mode is Mode.EBPF:
         flags |= L.F_CAPTURE_OUTBOUND if Direction.OUTBOUND in directions else 0
         flags |= L.F_CAPTURE_INBOUND if Direction.INBOUND in directions else 0

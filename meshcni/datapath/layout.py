@@ -18,7 +18,8 @@ F_CAPTURE_OUTBOUND = 1 << 0
 F_CAPTURE_INBOUND = 1 << 1
 F_INBOUND_ALL_PORTS = 1 << 2
 F_OUTBOUND_ALL_CIDRS = 1 << 3
-F_SPLICE = 1 << 4
+F_SPLICE = 1 << 4  # proxy<->proxy pairs
+F_SPLICE_APP = 1 << 5  # with F_SPLICE: the app's own sockets too
 
 DIR_INBOUND = 1
 DIR_OUTBOUND = 2
