@@ -221,6 +221,20 @@ def test_dropped_watch_reconnects_from_its_resource_version(api, make_source):
     assert watch_rvs[0] == watch_rvs[1]  # nothing happened in between
 
 
+def test_silent_watch_is_reopened_without_an_error(api, make_source, monkeypatch):
+    monkeypatch.setattr(kube, "WATCH_READ_TIMEOUT", 0.3)
+    api.add_pod("default", "a1", NODE, {MODE: "ebpf"})
+    recorder = Recorder()
+    source = make_source(on_change=recorder)
+
+    assert api.wait_for_watchers(1, opened_at_least=3, timeout=WAIT)  # nothing to say: read timeouts
+    api.set_annotations("default", "a1", {MODE: "off"})
+
+    assert recorder.wait_for(1) == [("default", "a1", {MODE: "off"})]
+    status = source.status()
+    assert status.errors == 0 and status.relists == 1
+
+
 def test_bookmark_advances_resource_version_so_compaction_needs_no_relist(api, make_source):
     api.add_pod("default", "a1", NODE, {MODE: "ebpf"})
     api.add_pod("default", "x", OTHER, {})
