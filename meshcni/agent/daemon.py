@@ -96,9 +96,12 @@ class Agent:
             self.degraded.append(f"node mode {node_mode.value} unavailable: using {fallback.value}")
             node_mode = fallback
         self.core = AgentCore(Registry(state), interceptors, ebpf=self.datapath, node_mode=node_mode)
-        self.policy = self._policy_source()
-        self.core.policy = self.policy
-        self.policy.start()
+        try:
+            self.policy = self._policy_source()
+            self.core.policy = self.policy
+            self.policy.start()
+        except (PolicyError, RuntimeError) as exc:  # KubeSourceError is a RuntimeError: bad kubeconfig, no API
+            raise AgentStartError(f"cannot read pod annotations: {exc}") from exc
         report = self.core.recover()
         log.info("re-adopted %d pod(s), released %d whose netns is gone, %d failed", report["readopted"],
                  report["removed"], report["failed"])
