@@ -20,7 +20,7 @@ from pathlib import Path
 from meshcni.config import Mode, PROXY_GID, PROXY_UID
 from meshcni.handoff.listeners import PodListeners
 from meshcni.handoff.server import HandoffServer, adopt_from_pid
-from meshcni.handoff.upgrade import ProxyLauncher, UpgradeStats, enable_request_migration, wait_ready
+from meshcni.handoff.upgrade import ProxyLauncher, UpgradeStats, enable_request_migration, haproxy_pid, wait_ready
 from meshcni.lab import haproxy
 from meshcni.lab import lab as lab_core
 from meshcni.lab import pod as podproc
@@ -66,6 +66,8 @@ class HotUpgradeRig:
         a, b = self.state.pods
         self.client_pod, self.pod = a, b
         proc.stop(b.processes["haproxy"])  # the lab's sidecar binds 15001/15006 itself; ours replaces it
+        # A threaded process looks gone (main thread a zombie) while its other threads still hold the sockets.
+        _wait_ports_free(b.processes["nginx"].pid, {haproxy.OUTBOUND_PORT, haproxy.INBOUND_PORT})
         d = podproc.pod_dir(self.state, b)
         cfg = d / ("haproxy-fd.cfg" if self.proxy_mode == "handoff" else "haproxy.cfg")
         spec = haproxy.ProxySpec(pod=b.name, peer_ip=a.ip, http_ports=tuple(self.state.proxy_http_ports),
@@ -90,7 +92,10 @@ class HotUpgradeRig:
         if self.proxy_mode == "own":
             enable_request_migration(b.netns)  # the agent's part for self-binding proxies (see adopt)
         self.current = self.launcher.start()
-        wait_ready(self.launcher, self.current, 15.0)
+        if self.master_worker:
+            _wait_answer(self.launcher.stats_socket)  # `show info` reports the worker's pid, not the master's
+        else:
+            wait_ready(self.launcher, self.current, 15.0)
         self._capture()
 
     def _capture(self) -> None:
@@ -178,6 +183,26 @@ class LoadRun:
         if self.p.poll() is None:
             self.p.kill()
             self.p.communicate()
+
+
+def _wait_ports_free(pid_in_netns: int, ports: set[int], timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while {p for _, p in proc.listening_ports(pid_in_netns)} & ports:
+        if time.monotonic() > deadline:
+            raise LabError(f"ports {sorted(ports)} are still in use in the pod after its sidecar stopped")
+        time.sleep(0.01)
+
+
+def _wait_answer(stats_socket: str, timeout: float = 15.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while haproxy_pid(stats_socket) is None:
+        if time.monotonic() > deadline:
+            raise LabError(f"HAProxy did not answer on {stats_socket}")
+        time.sleep(0.01)
 
 
 def _with_mode(podnet, mode: Mode):
