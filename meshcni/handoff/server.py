@@ -145,13 +145,18 @@ class HandoffServer:
             self._emit("refused", info)
             return
         fds = self.listeners.fds()
+        # Counted before sending: the peer may look at the counters the moment it has the fds.
         with self._lock:
-            generation = self.generation + 1
-        header = protocol.encode_header(list(fds), self.listeners.pod, generation)
-        socket.send_fds(conn, [header], list(fds.values()))
-        with self._lock:
-            self.generation = generation
+            self.generation += 1
             self.handoffs += 1
+            generation = self.generation
+        header = protocol.encode_header(list(fds), self.listeners.pod, generation)
+        try:
+            socket.send_fds(conn, [header], list(fds.values()))
+        except OSError:
+            with self._lock:
+                self.handoffs -= 1
+            raise
         log.info("handed %s of pod %s to pid %d (generation %d)", ",".join(fds), self.listeners.pod, pid,
                  generation)
         self._emit("handoff", {"pod": self.listeners.pod, "pid": pid, "uid": uid, "generation": generation,
