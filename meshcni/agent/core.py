@@ -133,7 +133,10 @@ class AgentCore:
 
     # --- the CNI verbs ------------------------------------------------------------------------------------
 
-    def add_pod(self, spec: PodSpec) -> PodRecord:
+    def add_pod(self, spec: PodSpec, *, adopt_from: Mode | None = None) -> PodRecord:
+        """Enrol (or re-apply) a pod. `adopt_from` names the mode that already captures a pod we do not know
+        yet (the plugin's failurePolicy "iptables" rules): the new mode captures first, then that one is
+        released, so the pod is never uncaptured in between."""
         try:
             netns_sys.check_netns(spec.netns)
         except NamespaceNotFound as exc:
@@ -160,7 +163,7 @@ class AgentCore:
                 record.config = config.to_dict()
                 self._persist(record)
             try:
-                self._apply(record, config, source, previous=Mode(existing.mode) if existing else None)
+                self._apply(record, config, source, previous=Mode(existing.mode) if existing else adopt_from)
             except AgentError:
                 if existing is None:
                     self.registry.remove(record.container_id)

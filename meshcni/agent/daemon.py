@@ -215,7 +215,8 @@ class Agent:
             self._metrics.start()
 
     def replay_pending(self) -> int:
-        """Enrol the pods the plugin let through while we were away (failurePolicy open)."""
+        """Enrol the pods the plugin let through while we were away (failurePolicy open), and adopt those it
+        captured with its own iptables rules (failurePolicy iptables: `"fallback": "iptables"`)."""
         pending = Path(self.opts.pending_dir)
         if not pending.is_dir():
             return 0
@@ -223,7 +224,8 @@ class Agent:
         for path in sorted(pending.glob("*.json")):
             try:
                 body = json.loads(path.read_text(encoding="utf-8"))
-                record = self.core.add_pod(PodSpec.parse(body))
+                adopt = Mode.IPTABLES if body.get("fallback") == "iptables" else None
+                record = self.core.add_pod(PodSpec.parse(body), adopt_from=adopt)
                 log.info("pending pod %s enrolled (mode %s)", record.display_name, record.mode)
                 done += 1
             except AgentError as exc:
