@@ -16,7 +16,8 @@ from meshcni.cni.spec import CniError
 
 MAX_STDIN_BYTES = 1 << 20
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
-FAILURE_POLICIES = ("closed", "open")
+FAILURE_POLICIES = ("closed", "open", "iptables")
+FALLBACK_KEYS = ("excludeInboundPorts", "excludeOutboundPorts")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Same rules as libcni's ValidateContainerID / ValidateInterfaceName; the container id also names the
@@ -54,6 +55,7 @@ class PluginConfig:
     __slots__ = (
         "cni_version", "name", "agent_socket", "failure_policy", "pending_dir", "log_file", "log_level",
         "connect_timeout", "request_timeout", "prev_result", "valid_attachments", "raw",
+        "fallback_exclude_inbound", "fallback_exclude_outbound",
     )
 
     def __init__(
@@ -71,6 +73,8 @@ class PluginConfig:
         request_timeout: float = 10.0,
         prev_result: dict[str, Any] | None = None,  # normalised (internal layout), None when absent
         valid_attachments: list[tuple[str, str]] | None = None,
+        fallback_exclude_inbound: tuple[int, ...] = (),
+        fallback_exclude_outbound: tuple[int, ...] = (),
     ):
         self.cni_version = cni_version
         self.raw = raw
@@ -84,6 +88,9 @@ class PluginConfig:
         self.request_timeout = request_timeout
         self.prev_result = prev_result
         self.valid_attachments = valid_attachments
+        # Ports the failurePolicy "iptables" capture leaves alone (config key iptablesFallback).
+        self.fallback_exclude_inbound = fallback_exclude_inbound
+        self.fallback_exclude_outbound = fallback_exclude_outbound
 
     def forwarded(self) -> dict[str, Any]:
         """The config the agent receives: everything but the (separately forwarded) previous result."""
@@ -173,14 +180,11 @@ def parse_config(raw: dict[str, Any], command: str) -> PluginConfig:
     policy = raw.get("failurePolicy", "closed")
     if not isinstance(policy, str):
         raise CniError(spec.ERR_INVALID_CONFIG, "failurePolicy must be a string")
-    if policy == "iptables":
-        raise CniError(
-            spec.ERR_INVALID_CONFIG,
-            'failurePolicy "iptables" is not supported yet',
-            'reserved for a future in-plugin iptables fallback; use "closed" or "open"',
-        )
     if policy not in FAILURE_POLICIES:
-        raise CniError(spec.ERR_INVALID_CONFIG, f"unknown failurePolicy {policy!r}", 'use "closed" or "open"')
+        raise CniError(
+            spec.ERR_INVALID_CONFIG, f"unknown failurePolicy {policy!r}", 'use "closed", "open" or "iptables"'
+        )
+    exclude_in, exclude_out = _fallback_exclusions(raw)
     connect_timeout = _opt_seconds(raw, "connectTimeoutSeconds", 1.0)
     request_timeout = _opt_seconds(raw, "requestTimeoutSeconds", 10.0)
     for key in ("runtimeConfig", "args"):
@@ -202,8 +206,33 @@ def parse_config(raw: dict[str, Any], command: str) -> PluginConfig:
         request_timeout=request_timeout,
         prev_result=prev_result,
         valid_attachments=valid,
+        fallback_exclude_inbound=exclude_in,
+        fallback_exclude_outbound=exclude_out,
         raw=raw,
     )
+
+
+def _fallback_exclusions(raw: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`iptablesFallback: {"excludeInboundPorts": [..], "excludeOutboundPorts": [..]}`, validated whatever
+    the policy, so a typo is reported when the config is written and not on the day the agent is down."""
+    value = raw.get("iptablesFallback", {})
+    if not isinstance(value, dict):
+        raise CniError(spec.ERR_INVALID_CONFIG, "iptablesFallback must be a JSON object")
+    unknown = sorted(set(value) - set(FALLBACK_KEYS))
+    if unknown:
+        raise CniError(spec.ERR_INVALID_CONFIG, f"iptablesFallback has unknown key(s) {', '.join(unknown)}",
+                       f"known: {', '.join(FALLBACK_KEYS)}")
+    return tuple(_ports(value, key) for key in FALLBACK_KEYS)
+
+
+def _ports(obj: dict[str, Any], key: str) -> tuple[int, ...]:
+    value = obj.get(key, [])
+    if not isinstance(value, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in value
+    ):
+        raise CniError(spec.ERR_INVALID_CONFIG, f"iptablesFallback.{key} must be a list of ports (1-65535)",
+                       json.dumps(value))
+    return tuple(sorted(set(value)))
 
 
 def _valid_attachments(raw: dict[str, Any]) -> list[tuple[str, str]]:

@@ -1,4 +1,5 @@
-"""Pending enrolments: pods that passed ADD uncaptured because the agent was unreachable (failurePolicy open).
+"""Pending enrolments: pods that passed ADD while the agent was unreachable — uncaptured (failurePolicy open)
+or captured by the plugin's own iptables rules (failurePolicy iptables, marked `"fallback": "iptables"`).
 
 One JSON file per container, `<dir>/<container_id>.json`, holding the add request the agent would have
 received plus why and when it was recorded. Files are written to a temporary name and renamed, so the

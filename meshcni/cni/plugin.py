@@ -10,8 +10,13 @@ Verb semantics: ADD is chained-only (no prevResult → 7) and prints prevResult 
 version; DEL is idempotent and succeeds when the pod, netns or agent is gone; CHECK asks the agent whether
 the pod is really captured; STATUS is ok only when the agent answers with its datapath loaded (else 50);
 GC passes cni.dev/valid-attachments to the agent and prunes stale pending records. failurePolicy decides
-what an unreachable agent means at ADD: "closed" → 11 try again, "open" → pass uncaptured and record
-the pod under pendingDir for the agent to enrol later.
+what an unreachable agent (or one answering 11, not ready) means at ADD: "closed" → 11 try again; "open" →
+pass uncaptured and record the pod under pendingDir for the agent to enrol later; "iptables" → the plugin
+writes Istio's nat rules in the pod netns itself (`fallback.IptablesFallback`, node defaults), so the pod
+starts captured, and records it with `"fallback": "iptables"` so the agent adopts it (captures in its own
+mode first, then removes these rules). If those rules cannot be written the ADD fails with 103 naming the
+netns, with nothing of ours left in it. DEL of such a pod removes the rules while its record is still there
+(the agent has not adopted it yet); a failure there is logged, never fatal.
 """
 
 from __future__ import annotations
@@ -23,27 +28,39 @@ from typing import Any, BinaryIO, Callable, Mapping, TextIO
 from meshcni.cni import conf as confmod
 from meshcni.cni import protocol, spec
 from meshcni.cni.conf import Invocation, PluginConfig
+from meshcni.cni.fallback import Fallback, FallbackError, IptablesFallback
 from meshcni.cni.log import PluginLog
 from meshcni.cni.netns import NetnsInvalid, NetnsMissing, check_netns, check_path_shape
 from meshcni.cni.pending import PendingStore
 from meshcni.cni.protocol import AgentClient, AgentProtocolError, AgentRefused, AgentUnavailable
 from meshcni.cni.spec import CniError
 
+ERR_FALLBACK_FAILED = 103  # failurePolicy iptables: the agent is away and the plugin could not capture either
 ERR_INTERNAL = 110  # a bug in the plugin itself; the message names the exception
+FALLBACK_IPTABLES = "iptables"  # the pending record's "fallback" value: the pod is captured by our rules
 DEL_TIMEOUT_CAP = 5.0  # seconds: teardown is never held longer than this by a slow agent
 
 ClientFactory = Callable[[str, float, float], AgentClient]
 
 
 def run_command(
-    inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog
+    inv: Invocation,
+    conf: PluginConfig,
+    agent: AgentClient,
+    pending: PendingStore,
+    log: PluginLog,
+    fallback: Fallback | None = None,
 ) -> dict[str, Any] | None:
-    """Carry out one verb; returns the JSON to print (None for verbs that print nothing) or raises CniError."""
+    """Carry out one verb; returns the JSON to print (None for verbs that print nothing) or raises CniError.
+
+    `fallback` captures and releases pods for failurePolicy "iptables"; constructing the default is free,
+    it imports the datapath only when used."""
     handler = _HANDLERS[inv.command]
-    return handler(inv, conf, agent, pending, log)
+    return handler(inv, conf, agent, pending, log, fallback if fallback is not None else IptablesFallback())
 
 
-def _add(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog):
+def _add(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog,
+         fallback: Fallback):
     if conf.prev_result is None:
         raise CniError(
             spec.ERR_INVALID_CONFIG,
@@ -55,10 +72,10 @@ def _add(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: Pendi
     try:
         reply = agent.add(request)
     except AgentUnavailable as exc:
-        _fail_open_or_closed(conf, request, pending, log, str(exc))
+        _agent_away(conf, request, pending, log, fallback, str(exc))
     except AgentRefused as exc:
-        if exc.code == spec.ERR_TRY_AGAIN and conf.failure_policy == "open":
-            _fail_open_or_closed(conf, request, pending, log, f"agent not ready: {exc.msg}")
+        if exc.code == spec.ERR_TRY_AGAIN and conf.failure_policy != "closed":
+            _agent_away(conf, request, pending, log, fallback, f"agent not ready: {exc.msg}")
         else:
             raise _from_refusal(exc) from None
     except AgentProtocolError as exc:
@@ -69,13 +86,18 @@ def _add(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: Pendi
     return spec.render_result(conf.prev_result, conf.cni_version)
 
 
-def _fail_open_or_closed(conf: PluginConfig, request: dict[str, Any], pending: PendingStore, log: PluginLog, why: str):
+def _agent_away(
+    conf: PluginConfig, request: dict[str, Any], pending: PendingStore, log: PluginLog, fallback: Fallback, why: str
+):
     if conf.failure_policy == "closed":
         raise CniError(
             spec.ERR_TRY_AGAIN,
             f"meshcni agent at {conf.agent_socket} is unavailable; pod not created (failurePolicy closed)",
             why,
         )
+    if conf.failure_policy == FALLBACK_IPTABLES:
+        _capture_by_iptables(conf, request, pending, log, fallback, why)
+        return
     try:
         where = pending.record(request, why)
     except OSError as exc:
@@ -85,9 +107,40 @@ def _fail_open_or_closed(conf: PluginConfig, request: dict[str, Any], pending: P
     log.warning(f"{why}; pod passes uncaptured (failurePolicy open), recorded in {where}")
 
 
-def _del(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog):
-    if pending.forget(inv.container_id):
-        log.info("removed pending record")
+def _capture_by_iptables(
+    conf: PluginConfig, request: dict[str, Any], pending: PendingStore, log: PluginLog, fallback: Fallback, why: str
+):
+    """Capture first, record second: a pod is never running uncaptured, and a record always means rules.
+
+    (The other order could leave rules written after an agent that just came back had already adopted the
+    pod.) A record that cannot be written undoes the capture, so the ADD fails with nothing left behind."""
+    cid, netns = request["container_id"], request["netns"]
+    try:
+        fallback.capture(cid, netns, request["ips"], conf.fallback_exclude_inbound, conf.fallback_exclude_outbound)
+    except FallbackError as exc:
+        raise CniError(
+            ERR_FALLBACK_FAILED,
+            f"meshcni agent is unavailable and the iptables fallback failed in netns {netns}; pod not created",
+            f"{exc} (agent: {why})",
+        ) from None
+    try:
+        where = pending.record(dict(request, fallback=FALLBACK_IPTABLES), why)
+    except OSError as exc:
+        undo = ""
+        try:
+            fallback.release(cid, netns)
+        except FallbackError as undo_exc:
+            undo = f"; {undo_exc}"
+        raise CniError(
+            spec.ERR_IO,
+            f"agent unavailable and cannot record the iptables-captured pod in {pending.directory}; pod not created",
+            f"{exc}{undo}",
+        ) from None
+    log.warning(f"{why}; pod captured by the plugin's iptables rules (failurePolicy iptables), recorded in {where}")
+
+
+def _del(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog,
+         fallback: Fallback):
     netns = inv.netns
     if netns:
         try:
@@ -95,6 +148,16 @@ def _del(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: Pendi
         except NetnsInvalid as exc:
             log.warning(f"ignoring malformed CNI_NETNS on DEL: {exc}")
             netns = ""
+    if netns and _pending_fallback(pending, inv.container_id, log) == FALLBACK_IPTABLES:
+        # The record is still there, so the agent has not adopted the pod: the rules are ours to remove.
+        # Released before the record is forgotten, so a DEL that dies half-way is redone by the next one.
+        try:
+            fallback.release(inv.container_id, netns)
+            log.info("removed the fallback iptables rules")
+        except FallbackError as exc:
+            log.warning(f"{exc}; DEL proceeds")
+    if pending.forget(inv.container_id):
+        log.info("removed pending record")
     request = _pod_request(inv, conf, netns=netns)
     try:
         agent.delete(request)
@@ -110,7 +173,20 @@ def _del(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: Pendi
     return None
 
 
-def _check(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog):
+def _pending_fallback(pending: PendingStore, container_id: str, log: PluginLog) -> str | None:
+    """The "fallback" of the pod's pending record; None without a (readable) record."""
+    try:
+        record = pending.load(container_id)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning(f"unreadable pending record of {container_id}: {exc}")
+        return None
+    return record.get("fallback") if isinstance(record, dict) else None
+
+
+def _check(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog,
+           fallback: Fallback):
     _require_version(conf, "0.4.0", "CHECK")
     if conf.prev_result is None:
         raise CniError(spec.ERR_INVALID_CONFIG, "CHECK needs prevResult (the result of the ADD being checked)")
@@ -126,7 +202,8 @@ def _check(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: Pen
     return None
 
 
-def _status(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog):
+def _status(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog,
+            fallback: Fallback):
     _require_version(conf, "1.1.0", "STATUS")
     try:
         reply = agent.status()
@@ -141,7 +218,8 @@ def _status(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: Pe
     return None
 
 
-def _gc(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog):
+def _gc(inv: Invocation, conf: PluginConfig, agent: AgentClient, pending: PendingStore, log: PluginLog,
+         fallback: Fallback):
     _require_version(conf, "1.1.0", "GC")
     valid = conf.valid_attachments or []
     keep = {cid for cid, _ in valid}

@@ -27,15 +27,19 @@ opted out is `ok` with `captured: false`); gc adds `"removed": [{"container_id",
 answers `{"ok": true, "datapath_loaded": bool, "version": str}`.
 Failures: an HTTP 4xx/5xx status with `{"error": {"code": <CNI code>, "msg": str, "details": str}}`, where
 `code` is what the plugin reports to the runtime: 3 unknown container (del treats it as success), 7 invalid
-config, 11 try again (agent not ready yet; with failurePolicy "open" the plugin then lets the pod through
-and records it as pending), 101 pod not captured (check), 100 anything else the agent could not do.
+config, 11 try again (agent not ready yet; with failurePolicy "open" or "iptables" the plugin then treats
+the agent as away, as below), 101 pod not captured (check), 100 anything else the agent could not do.
 Suggested statuses: 400 for 4/6/7, 404 for 3, 503 for 11/50, 500 otherwise; the plugin trusts the body's
 code, and a reply without that JSON shape becomes error 102 (protocol).
 
 Pending enrolments: when the agent is unreachable and failurePolicy is "open", the plugin writes the add
 request body plus `{"reason", "recorded_at"}` to `<pendingDir>/<container_id>.json` (atomic rename,
-default dir /var/run/meshcni/pending). The agent replays each file as an add on start-up and deletes it;
-the plugin deletes it itself on del and on gc for attachments that are no longer valid.
+default dir /var/run/meshcni/pending). With failurePolicy "iptables" the plugin first captures the pod
+itself with Istio's nat rules in its netns (node defaults: uid/gid 1337, 15001/15006) and the record also
+carries `"fallback": "iptables"`. The agent replays each file as an add on start-up and deletes it; for a
+fallback record it adopts the pod: its own mode captures first, then it removes the plugin's iptables rules
+(make-before-break). The plugin deletes the file itself on del (removing its iptables rules first, if the
+record says it wrote them) and on gc for attachments that are no longer valid.
 """
 
 from __future__ import annotations
