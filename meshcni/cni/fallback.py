@@ -38,15 +38,19 @@ class IptablesFallback:
     def _interceptor(self):
         if self._factory is not None:
             return self._factory()
-        from meshcni.datapath.iptables import IptablesInterceptor
-
+        try:
+            from meshcni.datapath.iptables import IptablesInterceptor
+        except ImportError as exc:
+            # A plugin bundle built without the datapath modules (scripts/build-plugin.sh excludes) cannot
+            # fall back; say so instead of failing as an internal error.
+            raise FallbackError(f"this meshcni plugin build has no iptables fallback: {exc}") from None
         return IptablesInterceptor()
 
     def capture(self, container_id: str, netns: str, ips: Sequence[str], exclude_inbound: Sequence[int] = (),
                 exclude_outbound: Sequence[int] = ()) -> None:
+        interceptor = self._interceptor()
         from meshcni.sys.errors import SysError
 
-        interceptor = self._interceptor()
         pod = pod_net(container_id, netns, ips, exclude_inbound, exclude_outbound)
         try:
             interceptor.capture(pod)
@@ -57,10 +61,11 @@ class IptablesFallback:
             raise FallbackError(f"iptables capture in netns {netns} failed: {exc}{tail}") from None
 
     def release(self, container_id: str, netns: str) -> None:
+        interceptor = self._interceptor()
         from meshcni.sys.errors import SysError
 
         try:
-            self._interceptor().release(pod_net(container_id, netns, ()))
+            interceptor.release(pod_net(container_id, netns, ()))
         except (SysError, OSError) as exc:
             raise FallbackError(f"cannot remove the fallback iptables rules in netns {netns}: {exc}") from None
 

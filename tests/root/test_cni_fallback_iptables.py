@@ -50,6 +50,9 @@ def env(tmp_path):
 
 @pytest.fixture
 def plugin_exe(tmp_path) -> Path:
+    """`python -m meshcni.cni`, or the executable MESHCNI_TEST_PLUGIN_EXE names (e.g. a PyInstaller bundle)."""
+    if os.environ.get("MESHCNI_TEST_PLUGIN_EXE"):
+        return Path(os.environ["MESHCNI_TEST_PLUGIN_EXE"])
     wrapper = tmp_path / "meshcni-module"
     wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m meshcni.cni\n")
     wrapper.chmod(0o755)

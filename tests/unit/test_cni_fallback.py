@@ -185,3 +185,14 @@ def test_the_plugin_imports_the_datapath_only_on_the_fallback_path() -> None:
             "print(sorted(m for m in sys.modules if m.startswith(('meshcni.datapath', 'meshcni.sys'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_build_without_the_datapath_fails_with_a_clear_fallback_error(tmp_path, monkeypatch) -> None:
+    # What a PyInstaller bundle that excludes meshcni.datapath sees: the import itself fails.
+    monkeypatch.setitem(sys.modules, "meshcni.datapath.iptables", None)
+    inv, cfg, pending = make("ADD", tmp_path, failurePolicy="iptables")
+    with pytest.raises(CniError) as info:
+        plugin.run_command(inv, cfg, FakeClient(fail=DOWN), pending, PluginLog(io.StringIO()))
+    assert info.value.code == plugin.ERR_FALLBACK_FAILED
+    assert "has no iptables fallback" in info.value.details
+    assert pending.container_ids() == []
