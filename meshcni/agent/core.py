@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +31,7 @@ from meshcni.agent.policy import NoPolicy, PolicySource
 from meshcni.agent.registry import PodRecord, Registry, valid_container_id
 from meshcni.config import ConfigError, Mode, PodConfig
 from meshcni.datapath import layout as L
+from meshcni.datapath import listeners
 from meshcni.datapath.interceptor import PodNet
 from meshcni.sys import netns as netns_sys
 from meshcni.sys.errors import NamespaceNotFound, SysError
@@ -129,6 +132,7 @@ class AgentCore:
         self.policy = policy or NoPolicy()
         self.listener_provider = listener_provider  # (record, PodNet) -> {family: fd} | None
         self.lock = threading.RLock()
+        self._next_search: dict[str, tuple[float, float]] = {}  # container id -> (next search time, delay)
         self.enrol_errors: dict[str, int] = {}
 
     # --- the CNI verbs ------------------------------------------------------------------------------------
@@ -272,12 +276,9 @@ class AgentCore:
         return record
 
     def slot_of(self, record: PodRecord) -> int | None:
-        if self.ebpf is None or record.mode != Mode.EBPF.value:
+        if self.ebpf is None or record.mode != Mode.EBPF.value or record.slot < 0:
             return None
-        try:
-            return self.ebpf.slot_of(self._pod_net(record, PodConfig.from_dict(record.config)))
-        except SysError:
-            return None
+        return record.slot
 
     def counters(self, record: PodRecord) -> dict[str, int]:
         slot = self.slot_of(record)
@@ -313,37 +314,61 @@ class AgentCore:
         return report
 
     def adopt_listeners(self) -> int:
-        """Register the proxy listener of eBPF pods that have none (new proxy, restarted proxy)."""
+        """Register the proxy listener of eBPF pods that have none (a proxy just started, or was replaced).
+
+        The kernel drops a closed listener from the SOCKMAP by itself, so "missing from the map" is the one
+        signal for both cases. The search for a proxy's socket walks /proc, so it runs once per tick for
+        all pods, outside the lock, with a per-pod back-off while a pod has no proxy listening at all.
+        """
         if self.ebpf is None:
             return 0
-        adopted = 0
+        listeners_map = self.ebpf.maps["mcni_listeners_v1"]
+        now = time.monotonic()
+        todo = []
         with self.lock:
             for record in self.registry.all():
-                if record.mode != Mode.EBPF.value or record.phase != "captured":
+                if record.mode != Mode.EBPF.value or record.phase != "captured" or record.slot < 0:
                     continue
-                slot = self.slot_of(record)
-                if slot is None:
-                    continue
-                present = self.ebpf.maps["mcni_listeners_v1"].lookup(L.U32(slot * 2)) is not None
-                if present:
-                    if record.listener != "registered":
-                        record.listener = "registered"
-                        self._persist(record)
-                    continue
-                pod = self._pod_net(record, PodConfig.from_dict(record.config))
-                try:
-                    fds = self.listener_provider(record, pod) if self.listener_provider else None
-                    count = self.ebpf.register_listener(slot, pod, fds)
-                except (SysError, OSError) as exc:
-                    log.warning("pod %s: cannot register the proxy listener: %s", record.display_name, exc)
-                    continue
-                state = "registered" if count else "pending"
-                if count:
-                    adopted += 1
-                    log.info("pod %s: proxy listener registered (slot %d)", record.display_name, slot)
+                present = listeners_map.lookup(L.U32(record.slot * 2)) is not None
+                state = "registered" if present else "pending"
                 if state != record.listener:
                     record.listener = state
                     self._persist(record)
+                if not present and now >= self._next_search.get(record.container_id, (0.0, 0.0))[0]:
+                    todo.append((record, PodConfig.from_dict(record.config)))
+        if not todo:
+            return 0
+        groups = listeners.pids_by_netns()
+        adopted = 0
+        for record, config in todo:
+            pod = self._pod_net(record, config)
+            try:
+                fds = (self.listener_provider(record, pod) if self.listener_provider
+                       else listeners.take_listeners(record.netns, config.inbound_port, groups))
+            except (SysError, OSError) as exc:
+                log.warning("pod %s: looking for the proxy listener: %s", record.display_name, exc)
+                fds = {}
+            if not fds:
+                delay = min(max(self._next_search.get(record.container_id, (0.0, 0.25))[1] * 2, 0.5), 5.0)
+                self._next_search[record.container_id] = (now + delay, delay)
+                continue
+            try:
+                with self.lock:
+                    current = self.registry.get(record.container_id)
+                    if current is None or current.slot != record.slot or current.mode != Mode.EBPF.value:
+                        continue  # released or switched meanwhile
+                    self.ebpf.register_listener(current.slot, pod, fds)
+                    current.listener = "registered"
+                    self._persist(current)
+                    self._next_search.pop(record.container_id, None)
+                    adopted += 1
+                    log.info("pod %s: proxy listener registered (slot %d)", current.display_name, current.slot)
+            except (SysError, OSError) as exc:
+                log.warning("pod %s: cannot register the proxy listener: %s", record.display_name, exc)
+            finally:
+                if not self.listener_provider:
+                    for fd in fds.values():
+                        os.close(fd)  # the SOCKMAP holds the socket itself
         return adopted
 
     # --- internals ------------------------------------------------------------------------------------------
@@ -369,7 +394,7 @@ class AgentCore:
             try:
                 if mode is Mode.EBPF:
                     fds = self.listener_provider(record, pod) if self.listener_provider else None
-                    self.ebpf.capture(pod, listener_fds=fds)
+                    record.slot = self.ebpf.capture(pod, listener_fds=fds)
                 else:
                     interceptor.capture(pod)
             except NamespaceNotFound as exc:
@@ -384,6 +409,8 @@ class AgentCore:
                 log.warning("pod %s: leaving %s: %s", record.display_name, previous.value, "; ".join(problems))
         record.mode, record.mode_source, record.config = mode.value, source, config.to_dict()
         record.phase = "captured"
+        if mode is not Mode.EBPF:
+            record.slot = -1
         record.listener = self._listener_state(record) if mode is Mode.EBPF else "none"
         self._persist(record)
         log.info("pod %s captured: mode %s (%s)", record.display_name, mode.value, source)

@@ -178,8 +178,11 @@ class Agent:
             return interceptors
         try:
             from meshcni.datapath.ebpf import EbpfDatapath
+            from meshcni.datapath.load_child import load_in_child
 
-            self.datapath = EbpfDatapath.load(self.opts.pin_dir, cgroup=self.opts.cgroup)
+            # compiled in a child: bcc's LLVM would otherwise stay mapped in this long-lived process
+            load_in_child(self.opts.pin_dir, self.opts.cgroup)
+            self.datapath = EbpfDatapath.open(self.opts.pin_dir)
             interceptors[Mode.EBPF] = self.datapath
             self.features["ebpf"] = True
         except SysError as exc:

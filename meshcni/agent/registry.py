@@ -42,6 +42,7 @@ class PodRecord:
     config: dict = field(default_factory=dict)  # PodConfig.to_dict() in force
     phase: str = "adding"  # adding | captured
     listener: str = "none"  # registered | pending | none
+    slot: int = -1  # datapath slot while in eBPF mode
     added_at: float = field(default_factory=time.time)
 
     @property

@@ -66,6 +66,7 @@ class EbpfDatapath:
         self.maps = maps
         self._counters = counters
         self.max_pods = bpf.map_info(maps["mcni_pod_config_v1"].fd).max_entries
+        self._slot_hint = 0
 
     # --- life cycle -------------------------------------------------------------------------------------
 
@@ -175,7 +176,7 @@ class EbpfDatapath:
         written: list[tuple[str, object]] = []
         link_created = False
         try:
-            self._write_policy(slot, pod.config, written)
+            self._write_policy(slot, pod.config, written, fresh=existing is None)
             self._write_config(slot, pod.config, directions)
             if existing is None:
                 self._counters.update(L.U32(slot), L.percpu_counters_type()())
@@ -298,19 +299,30 @@ class EbpfDatapath:
         return None, cookie
 
     def _free_slot(self) -> int:
-        used = set(self.enrolled().values())
-        used |= {v.value for _, v in self.maps["mcni_pod_ips_v1"].items()}
-        for slot in range(self.max_pods):
-            if slot not in used:
+        """A slot whose config is empty, searched round-robin from the last one handed out.
+
+        An enrolled slot always has a non-zero outbound port (ports are validated 1-65535) and release
+        writes an empty config, so one array lookup per candidate tells free from used: enrolment stays
+        O(1) on a full node instead of walking every pod's map entries.
+        """
+        configs = self.maps["mcni_pod_config_v1"]
+        for i in range(self.max_pods):
+            slot = (self._slot_hint + i) % self.max_pods
+            cfg = configs.lookup(L.U32(slot))
+            if cfg is None or cfg.outbound_port == 0:
+                self._slot_hint = slot + 1
                 return slot
         raise BpfError(f"all {self.max_pods} pod slots are in use", errno.ENOSPC)
 
     def _write_config(self, slot: int, config: PodConfig, directions=BOTH) -> None:
         self.maps["mcni_pod_config_v1"].update(L.U32(slot), _pod_struct(slot, config, self.splice, directions))
 
-    def _write_policy(self, slot: int, config: PodConfig, written: list) -> None:
-        # replace the slot's policy wholesale: stale entries from an earlier config must not survive
-        self._clear_policy(slot)
+    def _write_policy(self, slot: int, config: PodConfig, written: list, fresh: bool = False) -> None:
+        # replace the slot's policy wholesale: stale entries from an earlier config must not survive.
+        # A fresh slot has none (release clears them), and skipping the scan of every pod's entries keeps
+        # enrolment cost flat as the node fills up.
+        if not fresh:
+            self._clear_policy(slot)
         ports = self.maps["mcni_ports_v1"]
         entries = [(p, L.DIR_INBOUND, L.POLICY_EXCLUDE) for p in config.effective_exclude_inbound_ports]
         entries += [(p, L.DIR_INBOUND, L.POLICY_INCLUDE) for p in config.include_inbound_ports or ()]

@@ -47,9 +47,9 @@ def _listening_inodes(pid: int, port: int) -> dict[int, int]:
     return found
 
 
-def _pids_in_netns(netns_path: str) -> list[int]:
-    st = os.stat(netns_path)
-    pids = []
+def pids_by_netns() -> dict[tuple[int, int], list[int]]:
+    """Every process grouped by network namespace (st_dev, st_ino): one /proc walk serves many pods."""
+    groups: dict[tuple[int, int], list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -57,18 +57,23 @@ def _pids_in_netns(netns_path: str) -> list[int]:
             ns = os.stat(f"/proc/{entry}/ns/net")
         except OSError:
             continue
-        if ns.st_ino == st.st_ino and ns.st_dev == st.st_dev:
-            pids.append(int(entry))
-    return pids
+        groups.setdefault((ns.st_dev, ns.st_ino), []).append(int(entry))
+    return groups
 
 
-def take_listeners(netns_path: str, port: int) -> dict[int, int]:
+def _pids_in_netns(netns_path: str, groups: dict[tuple[int, int], list[int]] | None = None) -> list[int]:
+    st = os.stat(netns_path)
+    return (groups if groups is not None else pids_by_netns()).get((st.st_dev, st.st_ino), [])
+
+
+def take_listeners(netns_path: str, port: int, groups: dict[tuple[int, int], list[int]] | None = None) -> dict[int, int]:
     """Duplicates of the sockets listening on `port` in the netns, as {address family: fd}.
 
     The caller owns the returned fds. An empty dict means no process in the netns listens there (yet).
+    `groups` (from `pids_by_netns`) lets a caller looking at many pods walk /proc once.
     """
     taken: dict[int, int] = {}
-    for pid in _pids_in_netns(netns_path):
+    for pid in _pids_in_netns(netns_path, groups):
         inodes = _listening_inodes(pid, port)
         if not inodes:
             continue

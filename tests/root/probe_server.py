@@ -73,7 +73,10 @@ def forward(conn: socket.socket, name: str) -> None:
     except OSError:
         conn.close()
         return
-    upstream.settimeout(None)
+    # Timeouts make CPython poll and retry EAGAIN like an event-loop proxy does: a SOCKHASH socket's
+    # tcp_bpf_recvmsg can return EAGAIN to a blocking reader (docs/architecture.md, "Splicing").
+    conn.settimeout(60)
+    upstream.settimeout(60)
     t = threading.Thread(target=pipe, args=(upstream, conn), daemon=True)
     t.start()
     pipe(conn, upstream)

@@ -1,0 +1,138 @@
+"""AddPod latency at the agent with 10 and with 250 pods enrolled, and the agent's RSS at 250 pods.
+
+A real `meshcni agent` runs with a private cgroup, bpffs directory and sockets; pods are bare network
+namespaces. At each population level the bench enrols one more pod and releases it again, `--samples`
+times, timing the AddPod RPC as the client sees it (gRPC round trip + validation + datapath writes +
+the registry's fsync'd file). Reports p50/p99 per level, their ratio (the issue's target: p99 at 250
+≤ 1.2 × p99 at 10) and VmRSS of the agent process with 250 pods (target ≤ 150 MB), as a table and JSON.
+
+    .venv/bin/python bench/agent_add.py [--samples 200] [--pods 250]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from meshcni.agent.client import AgentClient  # noqa: E402
+from meshcni.sys import cgroup as cgroups  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--pods", type=int, default=250)
+    ap.add_argument("--small", type=int, default=10)
+    ap.add_argument("--json", type=Path, default=None, help="write the result here too")
+    args = ap.parse_args()
+
+    uid = uuid.uuid4().hex[:6]
+    tmp = Path(tempfile.mkdtemp(prefix="mcni-bench-agent-"))
+    pin_dir = Path(f"/sys/fs/bpf/mcni-bench-{uid}")
+    cg = cgroups.unified_root() / f"mcni-bench-{uid}"
+    cgroups.ensure(cg)
+    sock = tmp / "agent.sock"
+    netns = [f"mcni-b{uid}-{i}" for i in range(args.pods + 1)]
+    agent = None
+    try:
+        for name in netns:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+        log = open(tmp / "agent.log", "wb")
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "meshcni", "agent", "--bpf-dir", str(pin_dir), "--cgroup", str(cg),
+             "--state-dir", str(tmp / "state"), "--socket", str(sock), "--cni-socket", str(tmp / "cni.sock"),
+             "--pending-dir", str(tmp / "pending"), "--metrics-address", "", "--log-level", "warning"],
+            stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            if agent.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"agent did not start: {(tmp / 'agent.log').read_text()[-1000:]}")
+            time.sleep(0.05)
+        client = AgentClient(str(sock))
+
+        def add(i: int) -> float:
+            started = time.perf_counter()
+            client.add_pod(container_id=f"bench-{i}", netns=f"/var/run/netns/{netns[i]}",
+                           ips=[f"10.{200 + i // 65536}.{i // 256 % 256}.{i % 256}"], pod_name=f"p{i}",
+                           pod_namespace="bench")
+            return (time.perf_counter() - started) * 1000
+
+        def measure(level: int) -> list[float]:
+            probe = args.pods  # the extra netns: enrolled and released again, `samples` times
+            out = []
+            for _ in range(args.samples):
+                out.append(add(probe))
+                client.del_pod(container_id=f"bench-{probe}")
+            return out
+
+        results = {}
+        enrolled = 0
+        for level in (args.small, args.pods):
+            while enrolled < level:
+                add(enrolled)
+                enrolled += 1
+            samples = measure(level)
+            results[level] = {"p50_ms": round(statistics.median(samples), 2),
+                              "p99_ms": round(percentile(samples, 99), 2),
+                              "mean_ms": round(statistics.fmean(samples), 2), "samples": len(samples)}
+        rss = round(rss_mb(agent.pid), 1)
+        small, big = results[args.small], results[args.pods]
+        report = {"bench": "agent_add", "levels": results, "p99_ratio": round(big["p99_ms"] / small["p99_ms"], 3),
+                  "rss_mb_at_max": rss, "pods": args.pods, "commit": _commit(),
+                  "kernel": os.uname().release, "cpus": os.cpu_count()}
+        print(f"| enrolled pods | AddPod p50 (ms) | AddPod p99 (ms) |\n|---|---|---|")
+        for level, r in results.items():
+            print(f"| {level} | {r['p50_ms']} | {r['p99_ms']} |")
+        print(f"\np99 ratio {args.pods}/{args.small}: {report['p99_ratio']}  (target ≤ 1.2)")
+        print(f"agent RSS with {args.pods} pods: {rss} MB  (target ≤ 150)")
+        out = args.json or REPO / "bench" / "results" / f"agent_add-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+        client.close()
+        return 0
+    finally:
+        if agent is not None:
+            agent.kill()
+            agent.wait()
+        if pin_dir.exists():
+            from meshcni.datapath.ebpf import EbpfDatapath
+
+            EbpfDatapath.open(pin_dir).unload()
+        for name in netns:
+            subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+        if cg.exists():
+            os.rmdir(cg)
+        subprocess.run(["rm", "-rf", str(tmp)])
+
+
+def _commit() -> str:
+    cp = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return cp.stdout.strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
