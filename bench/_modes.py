@@ -94,6 +94,7 @@ def _captured_path(b: Bench) -> ProxyPath:
         http_backends={b.src.name: "outbound_http", b.dst.name: "inbound_http"},
         allowed_sections={b.src.name: frozenset({"outbound", "outbound_http"}),
                           b.dst.name: frozenset({"inbound", "inbound_http"})},
+        fallback_sections={b.src.name: frozenset({"outbound_tcp"}), b.dst.name: frozenset({"inbound_tcp"})},
     )
 
 
@@ -158,7 +159,8 @@ class Ebpf(Mode):
         return _captured_path(b)
 
     def counters(self, b: Bench) -> dict:
-        assert b.datapath is not None, "ebpf counters read outside the mode"
+        if b.datapath is None:
+            raise CaptureNotVerified("the eBPF counters were read while the eBPF mode was not active")
         return {p.name: b.datapath.counters(pod_net(p)) for p in (b.src, b.dst)}
 
     def check(self, b: Bench, moved: dict, result: WrkResult, close_each: bool, connections: int) -> list[str]:

@@ -44,7 +44,9 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
             "p99_ms_median": round(statistics.median(p99), 3),
             "p99_ms_max": round(max(p99), 3),
             "requests_total": sum(r["wrk"]["requests"] for r in rs),
-            "socket_errors_total": sum(sum(r["wrk"]["errors"].values()) for r in rs),
+            "socket_errors_total": sum(r["faults"]["socket_errors"] for r in rs),
+            "non_2xx_total": sum(r["faults"]["non_2xx"] for r in rs),
+            "misrouted_sessions_total": sum(r["faults"]["misrouted_sessions"] for r in rs),
         }
     return out
 
@@ -88,7 +90,7 @@ def targets(summary: dict) -> list[dict]:
 
 def markdown(summary: dict, ratio: dict, verdicts: list[dict], mode_order: list[str]) -> str:
     lines = [
-        "| profile | mode | req/s (median) | req/s range | p50 ms | p99 ms | socket errors |",
+        "| profile | mode | req/s (median) | req/s range | p50 ms | p99 ms | faults: socket / non-2xx / misrouted |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for profile in PROFILES:
@@ -99,7 +101,7 @@ def markdown(summary: dict, ratio: dict, verdicts: list[dict], mode_order: list[
             lines.append(
                 f"| {PROFILE_TITLES[profile]} | {mode} | {s['rps_median']:,.0f} | "
                 f"{s['rps_min']:,.0f}–{s['rps_max']:,.0f} | {s['p50_ms_median']:.2f} | {s['p99_ms_median']:.2f} | "
-                f"{s['socket_errors_total']} |"
+                f"{s['socket_errors_total']} / {s['non_2xx_total']} / {s['misrouted_sessions_total']} |"
             )
     ratio_rows = [(p, r) for p, r in ratio.items() if r]
     if ratio_rows:

@@ -58,6 +58,9 @@ def test_tiny_bench_run_measures_and_verifies_every_mode(tmp_path, unique_id):
 
     runs = {r["mode"]: r for r in report["runs"]}
     assert sorted(runs) == sorted(MODES) and all(r["verified"] for r in runs.values())
+    for r in runs.values():
+        assert sorted(r["faults"]) == ["misrouted_sessions", "non_2xx", "socket_errors"]
+        assert all(isinstance(v, int) and v >= 0 for v in r["faults"].values())
     src, dst = report["lab"]["src"]["pod"], report["lab"]["dst"]["pod"]
     # Direct: not one proxy section moved. Explicit: the explicit listeners carried every request.
     assert runs["direct"]["evidence"]["proxies"] == {}
@@ -88,6 +91,7 @@ def _captured_path() -> _evidence.ProxyPath:
     return _evidence.ProxyPath(
         http_backends={"a": "outbound_http", "b": "inbound_http"},
         allowed_sections={"a": frozenset({"outbound", "outbound_http"}), "b": frozenset({"inbound", "inbound_http"})},
+        fallback_sections={"a": frozenset({"outbound_tcp"}), "b": frozenset({"inbound_tcp"})},
     )
 
 
@@ -117,6 +121,21 @@ def test_check_proxies_catches_traffic_through_a_section_off_the_path():
     moved["a"]["explicit_http_out/BACKEND"] = {"req_tot": 1}
     problems = _evidence.check_proxies(_captured_path(), moved, requests=1000, slack=8)
     assert len(problems) == 1 and "explicit_http_out/BACKEND" in problems[0]
+
+
+def test_lost_original_destination_is_counted_not_fatal():
+    moved = _moved(1000, 1000)
+    moved["a"]["outbound_tcp/orig"] = {"stot": 30}
+    moved["a"]["outbound_tcp/BACKEND"] = {"stot": 30, "econ": 30}
+    assert _evidence.check_proxies(_captured_path(), moved, requests=1000, slack=8) == []
+    assert _evidence.misrouted(_captured_path(), moved) == 30
+    assert _evidence.misrouted(_captured_path(), _moved(1000, 1000)) == 0
+
+
+def test_error_counters_alone_do_not_count_as_traffic_off_the_path():
+    moved = _moved(1000, 1000)
+    moved["b"]["explicit_http_in/BACKEND"] = {"eresp": 2}
+    assert _evidence.check_proxies(_captured_path(), moved, requests=1000, slack=8) == []
 
 
 def test_check_proxies_catches_another_client_in_the_lab():
@@ -155,7 +174,8 @@ def test_wrk_argv_and_parse():
 def _run(mode: str, profile: str, rps: float, p99_us: int) -> dict:
     return {"mode": mode, "profile": profile, "wrk": {
         "rps": rps, "requests": int(rps), "errors": {"read": 0},
-        "latency_us": {"percentiles": {"50": p99_us // 2, "99": p99_us}}}}
+        "latency_us": {"percentiles": {"50": p99_us // 2, "99": p99_us}}},
+        "faults": {"socket_errors": 1, "non_2xx": 2, "misrouted_sessions": 3}}
 
 
 def test_report_medians_ratios_and_targets():
@@ -163,6 +183,8 @@ def test_report_medians_ratios_and_targets():
     runs += [_run("iptables", "close", r, 2500) for r in (1000, 1000, 1100)]
     summary = _report.summarize(runs)
     assert summary["close"]["ebpf"]["rps_median"] == 1150 and summary["close"]["ebpf"]["rps_min"] == 900
+    assert [summary["close"]["ebpf"][k] for k in ("socket_errors_total", "non_2xx_total", "misrouted_sessions_total")] \
+        == [3, 6, 9]
     assert _report.ratios(summary)["close"] == {"rps_ebpf_over_iptables": 1.15, "p50_ebpf_over_iptables": 0.8,
                                                 "p99_ebpf_over_iptables": 0.8}
     verdicts = {v["target"]: v["met"] for v in _report.targets(summary)}
