@@ -17,16 +17,16 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _agent import PrivateAgent  # noqa: E402
 
 from meshcni.agent.client import AgentClient  # noqa: E402
-from meshcni.sys import cgroup as cgroups  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,38 +49,17 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the result here too")
     args = ap.parse_args()
 
-    uid = uuid.uuid4().hex[:6]
-    tmp = Path(tempfile.mkdtemp(prefix="mcni-bench-agent-"))
-    pin_dir = Path(f"/sys/fs/bpf/mcni-bench-{uid}")
-    cg = cgroups.unified_root() / f"mcni-bench-{uid}"
-    cgroups.ensure(cg)
-    sock = tmp / "agent.sock"
-    netns = [f"mcni-b{uid}-{i}" for i in range(args.pods + 1)]
-    agent = None
-    try:
-        for name in netns:
-            subprocess.run(["ip", "netns", "add", name], check=True)
-        log = open(tmp / "agent.log", "wb")
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "meshcni", "agent", "--bpf-dir", str(pin_dir), "--cgroup", str(cg),
-             "--state-dir", str(tmp / "state"), "--socket", str(sock), "--cni-socket", str(tmp / "cni.sock"),
-             "--pending-dir", str(tmp / "pending"), "--metrics-address", "", "--log-level", "warning"],
-            stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while not sock.exists():
-            if agent.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"agent did not start: {(tmp / 'agent.log').read_text()[-1000:]}")
-            time.sleep(0.05)
-        client = AgentClient(str(sock))
+    with PrivateAgent(netns_count=args.pods + 1) as agent:
+        client = AgentClient(str(agent.socket))
 
         def add(i: int) -> float:
             started = time.perf_counter()
-            client.add_pod(container_id=f"bench-{i}", netns=f"/var/run/netns/{netns[i]}",
+            client.add_pod(container_id=f"bench-{i}", netns=agent.netns_path(i),
                            ips=[f"10.{200 + i // 65536}.{i // 256 % 256}.{i % 256}"], pod_name=f"p{i}",
                            pod_namespace="bench")
             return (time.perf_counter() - started) * 1000
 
-        def measure(level: int) -> list[float]:
+        def measure() -> list[float]:
             probe = args.pods  # the extra netns: enrolled and released again, `samples` times
             out = []
             for _ in range(args.samples):
@@ -94,39 +73,26 @@ def main() -> int:
             while enrolled < level:
                 add(enrolled)
                 enrolled += 1
-            samples = measure(level)
+            samples = measure()
             results[level] = {"p50_ms": round(statistics.median(samples), 2),
                               "p99_ms": round(percentile(samples, 99), 2),
                               "mean_ms": round(statistics.fmean(samples), 2), "samples": len(samples)}
-        rss = round(rss_mb(agent.pid), 1)
-        small, big = results[args.small], results[args.pods]
-        report = {"bench": "agent_add", "levels": results, "p99_ratio": round(big["p99_ms"] / small["p99_ms"], 3),
-                  "rss_mb_at_max": rss, "pods": args.pods, "commit": _commit(),
-                  "kernel": os.uname().release, "cpus": os.cpu_count()}
-        print(f"| enrolled pods | AddPod p50 (ms) | AddPod p99 (ms) |\n|---|---|---|")
-        for level, r in results.items():
-            print(f"| {level} | {r['p50_ms']} | {r['p99_ms']} |")
-        print(f"\np99 ratio {args.pods}/{args.small}: {report['p99_ratio']}  (target ≤ 1.2)")
-        print(f"agent RSS with {args.pods} pods: {rss} MB  (target ≤ 150)")
-        out = args.json or REPO / "bench" / "results" / f"agent_add-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+        rss = round(rss_mb(agent.proc.pid), 1)
         client.close()
-        return 0
-    finally:
-        if agent is not None:
-            agent.kill()
-            agent.wait()
-        if pin_dir.exists():
-            from meshcni.datapath.ebpf import EbpfDatapath
-
-            EbpfDatapath.open(pin_dir).unload()
-        for name in netns:
-            subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
-        if cg.exists():
-            os.rmdir(cg)
-        subprocess.run(["rm", "-rf", str(tmp)])
+    small, big = results[args.small], results[args.pods]
+    report = {"bench": "agent_add", "levels": results, "p99_ratio": round(big["p99_ms"] / small["p99_ms"], 3),
+              "rss_mb_at_max": rss, "pods": args.pods, "commit": _commit(),
+              "kernel": os.uname().release, "cpus": os.cpu_count()}
+    print("| enrolled pods | AddPod p50 (ms) | AddPod p99 (ms) |\n|---|---|---|")
+    for level, r in results.items():
+        print(f"| {level} | {r['p50_ms']} | {r['p99_ms']} |")
+    print(f"\np99 ratio {args.pods}/{args.small}: {report['p99_ratio']}  (target ≤ 1.2)")
+    print(f"agent RSS with {args.pods} pods: {rss} MB  (target ≤ 150)")
+    out = args.json or REPO / "bench" / "results" / f"agent_add-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
 
 
 def _commit() -> str:
