@@ -392,11 +392,14 @@ class AgentCore:
         pod = self._pod_net(record, config)
         if interceptor is not None:
             try:
-                if mode is Mode.EBPF:
+                if mode is Mode.EBPF and interceptor is self.ebpf:
                     fds = self.listener_provider(record, pod) if self.listener_provider else None
                     record.slot = self.ebpf.capture(pod, listener_fds=fds)
                 else:
-                    interceptor.capture(pod)
+                    interceptor.capture(pod)  # iptables, or a hybrid split on a degraded node
+                    if mode is Mode.EBPF and self.ebpf is not None:
+                        slot = self.ebpf.slot_of(pod)
+                        record.slot = -1 if slot is None else slot
             except NamespaceNotFound as exc:
                 self._count_error("netns")
                 raise AgentError("not_found", str(exc)) from exc

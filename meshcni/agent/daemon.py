@@ -161,34 +161,45 @@ class Agent:
         self._lock_fd = fd
 
     def _load_interceptors(self, node_mode: Mode) -> dict:
+        """Probe the kernel, plan each direction, and build the interceptors the plan allows.
+
+        Probing and compiling run in a child process (datapath/load_child.py) so this long-lived process
+        never maps LLVM. Full eBPF gives the datapath itself as the eBPF interceptor; a plan that gives
+        one direction to iptables (a missing or masked kernel feature) gives a HybridInterceptor, and the
+        degraded features are reported in `status` and the metrics.
+        """
+        from meshcni.datapath.hybrid import HybridInterceptor
         from meshcni.datapath.iptables import IptablesInterceptor
+        from meshcni.datapath.load_child import load_error, probe_and_load
+        from meshcni.preflight.plan import CapturePlan
 
+        reply = probe_and_load(self.opts.pin_dir, self.opts.cgroup, self.opts.masked_features)
+        if reply.get("kind") == "PreflightError":
+            raise AgentStartError(reply["error"])
+        self.features = dict(reply.get("features", {}))
+        p = reply["plan"]
+        plan = CapturePlan(outbound=Mode(p["outbound"]), inbound=Mode(p["inbound"]), splice=p["splice"],
+                           degraded=list(p["degraded"]))
+        self.degraded.extend(plan.degraded)
         interceptors: dict = {}
-        try:
-            interceptors[Mode.IPTABLES] = IptablesInterceptor()
-            self.features["iptables"] = True
-        except SysError as exc:
-            self.features["iptables"] = False
-            self.degraded.append(f"iptables: {exc}")
-        if node_mode is Mode.OFF and "ebpf" in self.opts.masked_features:
+        iptables = IptablesInterceptor() if self.features.get("iptables") else None
+        if iptables is not None:
+            interceptors[Mode.IPTABLES] = iptables
+        if not reply.get("loaded"):
+            if Mode.EBPF in (plan.outbound, plan.inbound):
+                exc = load_error(reply)
+                log.error("eBPF datapath unavailable: %s", exc)
+                self.degraded.append(f"ebpf: {exc}")
             return interceptors
-        if "ebpf" in self.opts.masked_features:
-            self.features["ebpf"] = False
-            self.degraded.append("ebpf: masked by configuration")
-            return interceptors
-        try:
-            from meshcni.datapath.ebpf import EbpfDatapath
-            from meshcni.datapath.load_child import load_in_child
+        from meshcni.datapath.ebpf import EbpfDatapath
 
-            # compiled in a child: bcc's LLVM would otherwise stay mapped in this long-lived process
-            load_in_child(self.opts.pin_dir, self.opts.cgroup)
-            self.datapath = EbpfDatapath.open(self.opts.pin_dir)
+        self.datapath = EbpfDatapath.open(self.opts.pin_dir)
+        self.datapath.splice = plan.splice
+        if plan.outbound is Mode.EBPF and plan.inbound is Mode.EBPF:
             interceptors[Mode.EBPF] = self.datapath
-            self.features["ebpf"] = True
-        except SysError as exc:
-            log.error("eBPF datapath unavailable: %s", exc)
-            self.features["ebpf"] = False
-            self.degraded.append(f"ebpf: {exc}")
+        else:
+            interceptors[Mode.EBPF] = HybridInterceptor(self.datapath, iptables, plan)
+            log.warning("degraded capture: outbound by %s, inbound by %s", plan.outbound.value, plan.inbound.value)
         return interceptors
 
     def _policy_source(self):

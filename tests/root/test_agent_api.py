@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -51,7 +52,8 @@ def test_status_reports_a_loaded_datapath(env):
         s = c.status()
     assert s["datapath_loaded"] is True
     assert s["node_mode"] == "ebpf"
-    assert s["features"]["ebpf"] is True
+    assert s["features"]["sk_lookup"] is True and s["features"]["cgroup_sock_addr"] is True
+    assert s["degraded"] == []
     assert s["attached_programs"] >= 5  # connect4/6, sockops, sk_msg, getsockopt (plus sk_lookup per pod)
 
 
@@ -289,3 +291,36 @@ def test_cli_json_output_parses_back(env):
         with env.client() as c:
             c.del_pod(container_id="cli-1")
         env.delete_netns(ns)
+
+
+def test_a_masked_kernel_feature_degrades_to_a_hybrid_capture(tmp_path):
+    """sk_lookup "missing": the agent says so, and captures inbound with Istio's rules, outbound with eBPF."""
+    import uuid
+
+
+    e = AgentEnv(tmp_path, uuid.uuid4().hex[:6])
+    try:
+        e.start("--mask-feature", "sk_lookup")
+        ns = e.make_netns(1)
+        with e.client() as c:
+            status = c.status()
+            assert status["features"]["sk_lookup"] is False
+            assert any("sk_lookup" in d for d in status["degraded"])
+            pod = c.add_pod(container_id="h-1", netns=ns, ips=["10.249.0.2"])
+            assert pod["mode"] == "ebpf" and pod["slot"] >= 0
+        rules = subprocess.run(["ip", "netns", "exec", Path(ns).name, "iptables-save", "-t", "nat"],
+                               capture_output=True, text=True, check=True).stdout
+        assert ":ISTIO_INBOUND" in rules and ":ISTIO_OUTPUT" not in rules  # inbound only, by iptables
+        dp = EbpfDatapath.open(e.pin_dir)
+        try:
+            assert pod["slot"] in dp.enrolled().values()  # outbound by eBPF
+            assert not any(p.name.startswith("sk_lookup-netns-") for p in dp.pins.links.iterdir())
+        finally:
+            dp.close()
+        with e.client() as c:
+            c.del_pod(container_id="h-1")
+        rules = subprocess.run(["ip", "netns", "exec", Path(ns).name, "iptables-save", "-t", "nat"],
+                               capture_output=True, text=True, check=True).stdout
+        assert "ISTIO" not in rules
+    finally:
+        e.close()
