@@ -25,11 +25,13 @@ fi
 
 # Modules the plugin never imports but that the venv offers (system site packages included): listing them
 # keeps PyInstaller from following optional imports into them.
-EXCLUDES=(grpc google pyroute2 bcc click psutil prometheus_client meshcni.agent meshcni.cli meshcni.datapath
-          meshcni.install meshcni.lab meshcni.proxy meshcni.sys meshcni.config
+# meshcni.datapath.iptables, meshcni.sys and meshcni.config stay in: failurePolicy "iptables" writes
+# Istio's rules from the plugin itself (imported only on that path, so a normal ADD never loads them).
+EXCLUDES=(grpc google pyroute2 bcc click psutil prometheus_client meshcni.agent meshcni.cli meshcni.datapath.ebpf
+          meshcni.install meshcni.lab meshcni.proxy meshcni.handoff meshcni.preflight
           tkinter unittest pydoc doctest asyncio multiprocessing concurrent xml xmlrpc sqlite3 lib2to3
-          distutils setuptools pkg_resources ssl _ssl bz2 lzma ctypes curses readline pdb
-          argparse inspect dataclasses pprint)
+          distutils setuptools pkg_resources ssl _ssl bz2 lzma curses readline pdb
+          argparse pprint)
 args=()
 for m in "${EXCLUDES[@]}"; do args+=(--exclude-module "$m"); done
 
