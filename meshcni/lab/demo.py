@@ -49,6 +49,7 @@ def exercise(state: LabState) -> dict:
     stats = traffic.proxy_stats(state)
     counters = traffic.capture_counters(state)
     return {
+        "agent_pods": _agent_pods(state),
         "lab": lab_core.status(state),
         "capture": state.capture,
         "checks": checks,
@@ -56,6 +57,17 @@ def exercise(state: LabState) -> dict:
         "capture_counters": counters,
         "ok": all(c["ok"] for c in checks),
     }
+
+
+def _agent_pods(state: LabState) -> list[dict] | None:
+    """What `meshcni pods list` says: the pods the lab's agent enrolled through the CNI chain."""
+    if not state.use_agent:
+        return None
+    from meshcni.agent.client import AgentClient
+    from meshcni.lab import agent as lab_agent
+
+    with AgentClient(str(lab_agent.paths(state)["socket"])) as client:
+        return client.list_pods()
 
 
 def _captured_path(state: LabState, src: PodState, dst: PodState) -> list[str]:
@@ -205,6 +217,12 @@ def render_demo(d: dict) -> str:
             continue
         used = {k: v for k, v in st["frontends"].items() if v}
         lines.append(f"  {pod}: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "no sessions"))
+    if d.get("agent_pods"):
+        lines.append("")
+        lines.append("pods enrolled by the lab's agent through the CNI chain (meshcni pods list):")
+        for p in d["agent_pods"]:
+            lines.append(f"  {p['pod_namespace']}/{p['pod_name']}: mode {p['mode']} ({p['mode_source']}), "
+                         f"slot {p['slot']}, listener {p['listener']}, ips {', '.join(p['ips'])}")
     if d["capture_counters"] is not None:
         lines.append("")
         lines.append("datapath counters:")
