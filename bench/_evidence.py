@@ -15,6 +15,7 @@ reported next to the mode's errors instead of hiding the whole run.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from meshcni.lab import haproxy
@@ -87,6 +88,56 @@ def check_proxies(path: ProxyPath, moved: dict, requests: int, slack: int) -> li
             problems.append(f"pod {pod}: {backend} counted {seen} requests, more than the {requests} wrk "
                             f"completed plus {slack} in flight: another client is using this lab")
     return problems
+
+
+# Sessions that must be gone before a run: the raw-TCP backends (where a self-connection chain lives, see
+# shut_fallback_sessions) on every pod, and the frontends the client talks to on the source pod. Other
+# sections legitimately stay busy between runs: HAProxy keeps idle server connections to the peer's proxy
+# in its pool, and they show as open sessions on that proxy's frontend.
+FALLBACK_BACKENDS = ("outbound_tcp", "inbound_tcp")
+CLIENT_FRONTENDS = ("outbound", "explicit_http_out")
+
+
+def leftover_sessions(state: LabState, src: str) -> dict[str, dict[str, int]]:
+    """pod -> "pxname/svname" -> current sessions (`scur`) on the sections that must be idle between runs."""
+    out: dict[str, dict[str, int]] = {}
+    for pod in state.pods:
+        rows = haproxy.parse_show_stat(haproxy.command(podproc.proxy_socket(state, pod), "show stat"))
+        busy = {}
+        for r in rows:
+            scur = int(r.get("scur") or 0)
+            fallback = r["pxname"] in FALLBACK_BACKENDS
+            client = pod.name == src and r["pxname"] in CLIENT_FRONTENDS and r["svname"] == "FRONTEND"
+            if scur and (fallback or client):
+                busy[f"{r['pxname']}/{r['svname']}"] = scur
+        if busy:
+            out[pod.name] = busy
+    return out
+
+
+def wait_idle(state: LabState, src: str, timeout: float) -> dict[str, dict[str, int]]:
+    """Wait until no leftover session is open; returns what still is after `timeout` (empty when idle)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = leftover_sessions(state, src)
+        if not busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(0.1)
+
+
+def shut_fallback_sessions(state: LabState, path: ProxyPath) -> None:
+    """Cut every session of the path's raw-TCP fallback backends.
+
+    A connection whose original destination was lost is forwarded by `server orig 0.0.0.0` to the address
+    it was accepted on — the proxy's own capture listener — where it is again a connection without an
+    original destination: a chain of self-connections that grows until HAProxy's maxconn. Left alone, it
+    would slow down every mode measured after the faulty run, so the bench cuts it via the admin socket.
+    """
+    for pod in state.pods:
+        for backend in sorted(path.fallback_sections.get(pod.name, ())):
+            answer = haproxy.command(podproc.proxy_socket(state, pod), f"shutdown sessions server {backend}/orig")
+            if answer.strip():  # success is an empty answer; anything else is HAProxy's error text
+                raise CaptureNotVerified(f"pod {pod.name}: cannot cut the sessions of {backend}: {answer.strip()}")
 
 
 def misrouted(path: ProxyPath, moved: dict) -> int:

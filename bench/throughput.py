@@ -37,7 +37,9 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
 import _report  # noqa: E402
-from _evidence import CaptureNotVerified, check_proxies, delta, misrouted, proxy_counters, require  # noqa: E402
+from _evidence import (  # noqa: E402
+    CaptureNotVerified, check_proxies, delta, misrouted, proxy_counters, require, shut_fallback_sessions, wait_idle,
+)
 import _wrk  # noqa: E402
 from meshcni.lab import lab as lab_core  # noqa: E402
 from meshcni.lab.state import LabError, LabNames  # noqa: E402
@@ -49,6 +51,7 @@ QUICK = {"rounds": 2, "duration": 3, "warmup": 1}
 BPF_DIR_ENV = "MESHCNI_BPF_DIR"
 # A few failed answers are a fault to report with the figure; more than this and the figure measures errors.
 MAX_NON_2XX_SHARE = 0.01
+IDLE_TIMEOUT_S = 5.0  # how long the proxies may take to close wrk's sessions before a run
 
 
 class BenchError(RuntimeError):
@@ -154,55 +157,67 @@ def host_facts(wrk: str) -> dict:
 
 
 def measure(args, bench, modes: dict, wrk: str, script: Path, log) -> tuple[list[dict], list[dict]]:
+    """All rounds; returns (runs, per-round facts of each mode's switch-on)."""
     runs: list[dict] = []
     facts: list[dict] = []
-    for rnd in range(args.rounds):
-        k = rnd % len(args.modes)
+    for rnd in range(1, args.rounds + 1):
+        k = (rnd - 1) % len(args.modes)
         order = args.modes[k:] + args.modes[:k]  # rotate: every mode takes every position over the rounds
-        profiles = args.profiles if rnd % 2 == 0 else list(reversed(args.profiles))
+        profiles = args.profiles if rnd % 2 else list(reversed(args.profiles))
         for name in order:
             mode = modes[name]
             try:
-                entered = mode.enter(bench)
-                facts.append({"round": rnd + 1, "mode": name, **entered})
+                facts.append({"round": rnd, "mode": name, **mode.enter(bench)})
                 if args.warmup > 0:
                     _wrk.run(bench.state, bench.src, _spec(args, mode.url(bench, args.path), args.warmup, False),
                              script, wrk)
                 for profile in profiles:
-                    close = _report.PROFILES[profile]
-                    spec = _spec(args, mode.url(bench, args.path), args.duration, close)
-                    before_p, before_m = proxy_counters(bench.state), mode.counters(bench)
-                    result = _wrk.run(bench.state, bench.src, spec, script, wrk)
-                    after_p, after_m = proxy_counters(bench.state), mode.counters(bench)
-                    moved_p, moved_m = delta(before_p, after_p), delta(before_m, after_m)
-                    what = f"round {rnd + 1}, mode {name}, {profile}"
-                    if result.requests == 0:
-                        raise _wrk.WrkError(f"{what}: wrk completed no request ({result.errors})")
-                    non_2xx = result.errors.get("status", 0)
-                    if non_2xx > MAX_NON_2XX_SHARE * result.requests:
-                        raise _wrk.WrkError(f"{what}: {non_2xx} of {result.requests} responses were not 2xx/3xx, "
-                                            f"the path is broken (counter deltas: "
-                                            f"{{'proxies': {moved_p}, 'mechanism': {moved_m}}})")
-                    # At most one request per connection is in flight when wrk stops (no pipelining); the
-                    # margin of twice that only has to tell "wrk's own" from "another client's" traffic.
-                    slack = 2 * args.connections + result.error_total
-                    path = mode.proxy_path(bench)
-                    problems = check_proxies(path, moved_p, result.requests, slack)
-                    problems += mode.check(bench, moved_m, result, close, args.connections)
-                    require(problems, what, {"proxies": moved_p, "mechanism": moved_m})
-                    faults = {"socket_errors": result.error_total - non_2xx, "non_2xx": non_2xx,
-                              "misrouted_sessions": misrouted(path, moved_p)}
-                    runs.append({
-                        "round": rnd + 1, "mode": name, "profile": profile, "url": spec.url,
-                        "wrk": result.to_dict(), "verified": True, "faults": faults,
-                        "evidence": {"proxies": moved_p, "mechanism": moved_m},
-                    })
-                    log(f"round {rnd + 1}/{args.rounds}  {name:8s} {profile:10s} {result.rps:10,.0f} req/s  "
-                        f"p50 {result.percentile_ms(50):6.2f} ms  p99 {result.percentile_ms(99):6.2f} ms  "
-                        f"faults {faults['socket_errors']}/{faults['non_2xx']}/{faults['misrouted_sessions']}  path verified")
+                    run = measure_one(args, bench, mode, profile, f"round {rnd}, mode {name}, {profile}", wrk, script)
+                    runs.append({"round": rnd, **run})
+                    w, f = run["wrk"], run["faults"]
+                    log(f"round {rnd}/{args.rounds}  {name:8s} {profile:10s} {w['rps']:10,.0f} req/s  "
+                        f"p50 {w['latency_us']['percentiles']['50'] / 1000:6.2f} ms  "
+                        f"p99 {w['latency_us']['percentiles']['99'] / 1000:6.2f} ms  "
+                        f"faults {f['socket_errors']}/{f['non_2xx']}/{f['misrouted_sessions']}  path verified")
             finally:
                 mode.leave(bench)
     return runs, facts
+
+
+def measure_one(args, bench, mode, profile: str, what: str, wrk: str, script: Path) -> dict:
+    """One measured wrk run with the counters read around it; raises unless the path is proven."""
+    close = _report.PROFILES[profile]
+    spec = _spec(args, mode.url(bench, args.path), args.duration, close)
+    busy = wait_idle(bench.state, bench.src.name, IDLE_TIMEOUT_S)
+    if busy:
+        raise CaptureNotVerified(f"{what}: the proxies still hold client or raw-TCP sessions from earlier "
+                                 f"traffic after {IDLE_TIMEOUT_S:g}s, the run would not measure this mode alone: "
+                                 f"{busy}")
+    before_p, before_m = proxy_counters(bench.state), mode.counters(bench)
+    result = _wrk.run(bench.state, bench.src, spec, script, wrk)
+    after_p, after_m = proxy_counters(bench.state), mode.counters(bench)
+    evidence = {"proxies": delta(before_p, after_p), "mechanism": delta(before_m, after_m)}
+    if result.requests == 0:
+        raise _wrk.WrkError(f"{what}: wrk completed no request ({result.errors})")
+    non_2xx = result.errors.get("status", 0)
+    if non_2xx > MAX_NON_2XX_SHARE * result.requests:
+        raise _wrk.WrkError(f"{what}: {non_2xx} of {result.requests} responses were not 2xx/3xx, the path is "
+                            f"broken (counter deltas: {evidence})")
+    # At most one request per connection is in flight when wrk stops (no pipelining); the margin of twice
+    # that only has to tell wrk's own traffic from another client's.
+    slack = 2 * args.connections + result.error_total
+    path = mode.proxy_path(bench)
+    problems = check_proxies(path, evidence["proxies"], result.requests, slack)
+    problems += mode.check(bench, evidence["mechanism"], result, close, args.connections)
+    require(problems, what, evidence)
+    lost = misrouted(path, evidence["proxies"])
+    if lost:
+        shut_fallback_sessions(bench.state, path)  # or their self-connection chains slow down later runs
+    return {
+        "mode": mode.name, "profile": profile, "url": spec.url, "wrk": result.to_dict(), "verified": True,
+        "faults": {"socket_errors": result.error_total - non_2xx, "non_2xx": non_2xx, "misrouted_sessions": lost},
+        "evidence": evidence,
+    }
 
 
 def _spec(args, url: str, duration: int, close: bool) -> _wrk.WrkSpec:

@@ -192,3 +192,21 @@ def test_report_medians_ratios_and_targets():
                         "ebpf p99 no worse than iptables (connection-per-request)": True}
     assert "| connection-per-request | ebpf | 1,150 |" in _report.markdown(summary, _report.ratios(summary),
                                                                             _report.targets(summary), ["ebpf", "iptables"])
+
+
+@pytest.mark.root
+def test_fallback_sessions_can_be_cut_and_the_lab_reads_idle(unique_id):
+    from meshcni.lab import lab as lab_core
+
+    name = f"t-bidle-{unique_id}"
+    state = lab_core.up(lab_core.LabOptions(name=name, pods=2, capture=False))
+    try:
+        a, b = state.pods
+        path = _evidence.ProxyPath(fallback_sections={a.name: frozenset({"outbound_tcp"}),
+                                                      b.name: frozenset({"inbound_tcp"})})
+        _evidence.shut_fallback_sessions(state, path)  # accepted by the real HAProxy admin socket
+        assert _evidence.wait_idle(state, a.name, timeout=1.0) == {}
+        with pytest.raises(_evidence.CaptureNotVerified, match="No such backend"):
+            _evidence.shut_fallback_sessions(state, _evidence.ProxyPath(fallback_sections={a.name: frozenset({"nope"})}))
+    finally:
+        lab_core.down(name)
