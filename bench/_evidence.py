@@ -3,8 +3,10 @@
 A throughput figure is only worth something if the traffic really went where the mode says. Around every
 measured wrk run we read each sidecar's `show stat` (and, when the eBPF datapath is loaded, its per-pod
 counters) and check the deltas against the mode's expected path: every request wrk counted must appear in
-the HTTP backend of each proxy on the path (at least as many, and at most as many more as there can be
-requests in flight when wrk stops), and no other proxy section may have seen a single session or request.
+the HTTP request count of each proxy's listener on the path (at least as many, and at most as many more as
+there can be requests in flight when wrk stops), and no other proxy section may have seen a single session
+or request. Requests are counted where they arrive, on the listener (frontend `req_tot`): a backend's count
+lags it by the odd request HAProxy rejected or the client abandoned, which is not a bypass.
 The direct mode therefore proves that *no* proxy was involved, and the captured modes prove that *every*
 request was captured — not merely some. A failed check raises, so a run can never silently measure the
 wrong path. One thing is counted rather than fatal: a captured connection that reaches its own pod's capture
@@ -34,10 +36,10 @@ class CaptureNotVerified(RuntimeError):
 
 @dataclass(frozen=True)
 class ProxyPath:
-    """The proxy sections a mode's traffic must cross: per pod name, the HTTP backends carrying each request,
-    and every section (frontend or backend name) that may legitimately move."""
+    """The proxy sections a mode's traffic must cross: per pod name, the listener (frontend) that receives
+    each request, and every section (frontend or backend name) that may legitimately move."""
 
-    http_backends: dict[str, str] = field(default_factory=dict)
+    listeners: dict[str, str] = field(default_factory=dict)
     allowed_sections: dict[str, frozenset[str]] = field(default_factory=dict)
     # Sections on the path's own listeners that a connection only takes when its original destination was
     # lost (counted as misrouted, not fatal).
@@ -79,14 +81,14 @@ def check_proxies(path: ProxyPath, moved: dict, requests: int, slack: int) -> li
             if section.split("/")[0] not in allowed and any(counts.get(f) for f in MOVING_FIELDS):
                 problems.append(f"pod {pod}: proxy section {section} saw traffic {sections[section]}, "
                                 f"which this mode's path never crosses")
-    for pod, backend in path.http_backends.items():
-        seen = moved.get(pod, {}).get(f"{backend}/BACKEND", {}).get("req_tot", 0)
+    for pod, listener in path.listeners.items():
+        seen = moved.get(pod, {}).get(f"{listener}/FRONTEND", {}).get("req_tot", 0)
         if seen < requests:
-            problems.append(f"pod {pod}: only {seen} of the {requests} requests wrk completed went through "
-                            f"its proxy's {backend} backend (some bypassed the proxy)")
+            problems.append(f"pod {pod}: only {seen} of the {requests} requests wrk completed arrived at "
+                            f"its proxy's {listener} listener (some bypassed the proxy)")
         elif seen > requests + slack:
-            problems.append(f"pod {pod}: {backend} counted {seen} requests, more than the {requests} wrk "
-                            f"completed plus {slack} in flight: another client is using this lab")
+            problems.append(f"pod {pod}: listener {listener} counted {seen} requests, more than the {requests} "
+                            f"wrk completed plus {slack} in flight: another client is using this lab")
     return problems
 
 

@@ -89,9 +89,10 @@ class Mode:
 
 
 def _captured_path(b: Bench) -> ProxyPath:
-    # The outbound/inbound frontends are TCP mode and hand HTTP ports to the *_http backends.
+    # The outbound/inbound frontends are TCP mode and hand HTTP ports to the *_http backends; they still count
+    # the HTTP requests of those streams.
     return ProxyPath(
-        http_backends={b.src.name: "outbound_http", b.dst.name: "inbound_http"},
+        listeners={b.src.name: "outbound", b.dst.name: "inbound"},
         allowed_sections={b.src.name: frozenset({"outbound", "outbound_http"}),
                           b.dst.name: frozenset({"inbound", "inbound_http"})},
         fallback_sections={b.src.name: frozenset({"outbound_tcp"}), b.dst.name: frozenset({"inbound_tcp"})},
@@ -110,7 +111,7 @@ class Explicit(Mode):
 
     def proxy_path(self, b: Bench) -> ProxyPath:
         return ProxyPath(
-            http_backends={b.src.name: "explicit_http_out", b.dst.name: "explicit_http_in"},
+            listeners={b.src.name: "explicit_http_out", b.dst.name: "explicit_http_in"},
             allowed_sections={b.src.name: frozenset({"explicit_http_out"}),
                               b.dst.name: frozenset({"explicit_http_in"})},
         )
