@@ -92,38 +92,45 @@ def check_proxies(path: ProxyPath, moved: dict, requests: int, slack: int) -> li
     return problems
 
 
-# Sessions that must be gone before a run: the raw-TCP backends (where a self-connection chain lives, see
-# shut_fallback_sessions) on every pod, and the frontends the client talks to on the source pod. Other
-# sections legitimately stay busy between runs: HAProxy keeps idle server connections to the peer's proxy
-# in its pool, and they show as open sessions on that proxy's frontend.
 FALLBACK_BACKENDS = ("outbound_tcp", "inbound_tcp")
 CLIENT_FRONTENDS = ("outbound", "explicit_http_out")
 
 
-def leftover_sessions(state: LabState, src: str) -> dict[str, dict[str, int]]:
-    """pod -> "pxname/svname" -> current sessions (`scur`) on the sections that must be idle between runs."""
+def _current(state: LabState) -> dict[str, list[dict[str, str]]]:
+    return {pod.name: haproxy.parse_show_stat(haproxy.command(podproc.proxy_socket(state, pod), "show stat"))
+            for pod in state.pods}
+
+
+def fallback_sessions(state: LabState) -> dict[str, dict[str, int]]:
+    """Open sessions (`scur`) on the raw-TCP backends, where a self-connection chain lives (see
+    shut_fallback_sessions); none may be open when a run starts."""
     out: dict[str, dict[str, int]] = {}
-    for pod in state.pods:
-        rows = haproxy.parse_show_stat(haproxy.command(podproc.proxy_socket(state, pod), "show stat"))
-        busy = {}
-        for r in rows:
-            scur = int(r.get("scur") or 0)
-            fallback = r["pxname"] in FALLBACK_BACKENDS
-            client = pod.name == src and r["pxname"] in CLIENT_FRONTENDS and r["svname"] == "FRONTEND"
-            if scur and (fallback or client):
-                busy[f"{r['pxname']}/{r['svname']}"] = scur
+    for pod, rows in _current(state).items():
+        busy = {f"{r['pxname']}/{r['svname']}": int(r.get("scur") or 0) for r in rows
+                if r["pxname"] in FALLBACK_BACKENDS and int(r.get("scur") or 0)}
         if busy:
-            out[pod.name] = busy
+            out[pod] = busy
     return out
 
 
-def wait_idle(state: LabState, src: str, timeout: float) -> dict[str, dict[str, int]]:
-    """Wait until no leftover session is open; returns what still is after `timeout` (empty when idle)."""
+def client_sessions(state: LabState, src: str) -> int:
+    """Open sessions on the source pod's client-facing listeners (wrk's connections end there)."""
+    rows = _current(state)[src]
+    return sum(int(r.get("scur") or 0) for r in rows if r["pxname"] in CLIENT_FRONTENDS and r["svname"] == "FRONTEND")
+
+
+def stalled_after(state: LabState, src: str, baseline: int, timeout: float) -> int:
+    """How many client sessions a finished wrk run left open beyond `baseline` after up to `timeout` seconds.
+
+    wrk has exited, so the kernel has closed every one of its sockets; a session the proxy still holds means
+    the close never reached it. Idle sessions cost the next runs nothing (HAProxy drops them at its client
+    timeout), so they are reported as a fault of the run that left them, not fatal.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        busy = leftover_sessions(state, src)
-        if not busy or time.monotonic() >= deadline:
-            return busy
+        extra = client_sessions(state, src) - baseline
+        if extra <= 0 or time.monotonic() >= deadline:
+            return max(0, extra)
         time.sleep(0.1)
 
 

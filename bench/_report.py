@@ -47,6 +47,7 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict]]:
             "socket_errors_total": sum(r["faults"]["socket_errors"] for r in rs),
             "non_2xx_total": sum(r["faults"]["non_2xx"] for r in rs),
             "misrouted_sessions_total": sum(r["faults"]["misrouted_sessions"] for r in rs),
+            "stalled_sessions_total": sum(r["faults"]["stalled_sessions"] for r in rs),
         }
     return out
 
@@ -90,7 +91,7 @@ def targets(summary: dict) -> list[dict]:
 
 def markdown(summary: dict, ratio: dict, verdicts: list[dict], mode_order: list[str]) -> str:
     lines = [
-        "| profile | mode | req/s (median) | req/s range | p50 ms | p99 ms | faults: socket / non-2xx / misrouted |",
+        "| profile | mode | req/s (median) | req/s range | p50 ms | p99 ms | faults: socket / non-2xx / misrouted / stalled |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for profile in PROFILES:
@@ -101,7 +102,8 @@ def markdown(summary: dict, ratio: dict, verdicts: list[dict], mode_order: list[
             lines.append(
                 f"| {PROFILE_TITLES[profile]} | {mode} | {s['rps_median']:,.0f} | "
                 f"{s['rps_min']:,.0f}–{s['rps_max']:,.0f} | {s['p50_ms_median']:.2f} | {s['p99_ms_median']:.2f} | "
-                f"{s['socket_errors_total']} / {s['non_2xx_total']} / {s['misrouted_sessions_total']} |"
+                f"{s['socket_errors_total']} / {s['non_2xx_total']} / {s['misrouted_sessions_total']} / "
+                f"{s['stalled_sessions_total']} |"
             )
     ratio_rows = [(p, r) for p, r in ratio.items() if r]
     if ratio_rows:

@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 import _report  # noqa: E402
 from _evidence import (  # noqa: E402
-    CaptureNotVerified, check_proxies, delta, misrouted, proxy_counters, require, shut_fallback_sessions, wait_idle,
+    CaptureNotVerified, check_proxies, client_sessions, delta, fallback_sessions, misrouted, proxy_counters, require,
+    shut_fallback_sessions, stalled_after,
 )
 import _wrk  # noqa: E402
 from meshcni.lab import lab as lab_core  # noqa: E402
@@ -51,7 +52,7 @@ QUICK = {"rounds": 2, "duration": 3, "warmup": 1}
 BPF_DIR_ENV = "MESHCNI_BPF_DIR"
 # A few failed answers are a fault to report with the figure; more than this and the figure measures errors.
 MAX_NON_2XX_SHARE = 0.01
-IDLE_TIMEOUT_S = 5.0  # how long the proxies may take to close wrk's sessions before a run
+DRAIN_TIMEOUT_S = 3.0  # how long the proxy may take to see wrk's connections closed after it exits
 
 
 class BenchError(RuntimeError):
@@ -167,10 +168,14 @@ def measure(args, bench, modes: dict, wrk: str, script: Path, log) -> tuple[list
         for name in order:
             mode = modes[name]
             try:
-                facts.append({"round": rnd, "mode": name, **mode.enter(bench)})
+                fact = {"round": rnd, "mode": name, **mode.enter(bench)}
+                facts.append(fact)
                 if args.warmup > 0:
+                    baseline = client_sessions(bench.state, bench.src.name)
                     _wrk.run(bench.state, bench.src, _spec(args, mode.url(bench, args.path), args.warmup, False),
                              script, wrk)
+                    fact["warmup_stalled_sessions"] = stalled_after(bench.state, bench.src.name, baseline,
+                                                                    DRAIN_TIMEOUT_S)
                 for profile in profiles:
                     run = measure_one(args, bench, mode, profile, f"round {rnd}, mode {name}, {profile}", wrk, script)
                     runs.append({"round": rnd, **run})
@@ -178,7 +183,8 @@ def measure(args, bench, modes: dict, wrk: str, script: Path, log) -> tuple[list
                     log(f"round {rnd}/{args.rounds}  {name:8s} {profile:10s} {w['rps']:10,.0f} req/s  "
                         f"p50 {w['latency_us']['percentiles']['50'] / 1000:6.2f} ms  "
                         f"p99 {w['latency_us']['percentiles']['99'] / 1000:6.2f} ms  "
-                        f"faults {f['socket_errors']}/{f['non_2xx']}/{f['misrouted_sessions']}  path verified")
+                        f"faults {f['socket_errors']}/{f['non_2xx']}/{f['misrouted_sessions']}/{f['stalled_sessions']}  "
+                        f"path verified")
             finally:
                 mode.leave(bench)
     return runs, facts
@@ -188,11 +194,11 @@ def measure_one(args, bench, mode, profile: str, what: str, wrk: str, script: Pa
     """One measured wrk run with the counters read around it; raises unless the path is proven."""
     close = _report.PROFILES[profile]
     spec = _spec(args, mode.url(bench, args.path), args.duration, close)
-    busy = wait_idle(bench.state, bench.src.name, IDLE_TIMEOUT_S)
-    if busy:
-        raise CaptureNotVerified(f"{what}: the proxies still hold client or raw-TCP sessions from earlier "
-                                 f"traffic after {IDLE_TIMEOUT_S:g}s, the run would not measure this mode alone: "
-                                 f"{busy}")
+    looping = fallback_sessions(bench.state)
+    if looping:
+        raise CaptureNotVerified(f"{what}: the proxies' raw-TCP backends hold sessions from earlier traffic, the "
+                                 f"run would not measure this mode alone: {looping}")
+    baseline = client_sessions(bench.state, bench.src.name)
     before_p, before_m = proxy_counters(bench.state), mode.counters(bench)
     result = _wrk.run(bench.state, bench.src, spec, script, wrk)
     after_p, after_m = proxy_counters(bench.state), mode.counters(bench)
@@ -213,9 +219,11 @@ def measure_one(args, bench, mode, profile: str, what: str, wrk: str, script: Pa
     lost = misrouted(path, evidence["proxies"])
     if lost:
         shut_fallback_sessions(bench.state, path)  # or their self-connection chains slow down later runs
+    stalled = stalled_after(bench.state, bench.src.name, baseline, DRAIN_TIMEOUT_S)
     return {
         "mode": mode.name, "profile": profile, "url": spec.url, "wrk": result.to_dict(), "verified": True,
-        "faults": {"socket_errors": result.error_total - non_2xx, "non_2xx": non_2xx, "misrouted_sessions": lost},
+        "faults": {"socket_errors": result.error_total - non_2xx, "non_2xx": non_2xx, "misrouted_sessions": lost,
+                   "stalled_sessions": stalled},
         "evidence": evidence,
     }
 

@@ -59,7 +59,7 @@ def test_tiny_bench_run_measures_and_verifies_every_mode(tmp_path, unique_id):
     runs = {r["mode"]: r for r in report["runs"]}
     assert sorted(runs) == sorted(MODES) and all(r["verified"] for r in runs.values())
     for r in runs.values():
-        assert sorted(r["faults"]) == ["misrouted_sessions", "non_2xx", "socket_errors"]
+        assert sorted(r["faults"]) == ["misrouted_sessions", "non_2xx", "socket_errors", "stalled_sessions"]
         assert all(isinstance(v, int) and v >= 0 for v in r["faults"].values())
     src, dst = report["lab"]["src"]["pod"], report["lab"]["dst"]["pod"]
     # Direct: not one proxy section moved. Explicit: the explicit listeners carried every request.
@@ -184,7 +184,7 @@ def _run(mode: str, profile: str, rps: float, p99_us: int) -> dict:
     return {"mode": mode, "profile": profile, "wrk": {
         "rps": rps, "requests": int(rps), "errors": {"read": 0},
         "latency_us": {"percentiles": {"50": p99_us // 2, "99": p99_us}}},
-        "faults": {"socket_errors": 1, "non_2xx": 2, "misrouted_sessions": 3}}
+        "faults": {"socket_errors": 1, "non_2xx": 2, "misrouted_sessions": 3, "stalled_sessions": 4}}
 
 
 def test_report_medians_ratios_and_targets():
@@ -192,8 +192,8 @@ def test_report_medians_ratios_and_targets():
     runs += [_run("iptables", "close", r, 2500) for r in (1000, 1000, 1100)]
     summary = _report.summarize(runs)
     assert summary["close"]["ebpf"]["rps_median"] == 1150 and summary["close"]["ebpf"]["rps_min"] == 900
-    assert [summary["close"]["ebpf"][k] for k in ("socket_errors_total", "non_2xx_total", "misrouted_sessions_total")] \
-        == [3, 6, 9]
+    assert [summary["close"]["ebpf"][k] for k in ("socket_errors_total", "non_2xx_total", "misrouted_sessions_total",
+                                                  "stalled_sessions_total")] == [3, 6, 9, 12]
     assert _report.ratios(summary)["close"] == {"rps_ebpf_over_iptables": 1.15, "p50_ebpf_over_iptables": 0.8,
                                                 "p99_ebpf_over_iptables": 0.8}
     verdicts = {v["target"]: v["met"] for v in _report.targets(summary)}
@@ -204,8 +204,12 @@ def test_report_medians_ratios_and_targets():
 
 
 @pytest.mark.root
-def test_fallback_sessions_can_be_cut_and_the_lab_reads_idle(unique_id):
+def test_fallback_sessions_can_be_cut_and_open_client_sessions_are_counted(unique_id):
+    import socket
+
+    from meshcni.lab import haproxy
     from meshcni.lab import lab as lab_core
+    from meshcni.sys import netns
 
     name = f"t-bidle-{unique_id}"
     state = lab_core.up(lab_core.LabOptions(name=name, pods=2, capture=False))
@@ -214,7 +218,19 @@ def test_fallback_sessions_can_be_cut_and_the_lab_reads_idle(unique_id):
         path = _evidence.ProxyPath(fallback_sections={a.name: frozenset({"outbound_tcp"}),
                                                       b.name: frozenset({"inbound_tcp"})})
         _evidence.shut_fallback_sessions(state, path)  # accepted by the real HAProxy admin socket
-        assert _evidence.wait_idle(state, a.name, timeout=1.0) == {}
+        assert _evidence.fallback_sessions(state) == {}
+        assert _evidence.client_sessions(state, a.name) == 0
+        assert _evidence.stalled_after(state, a.name, baseline=0, timeout=0.5) == 0
+        # A client connection the proxy still holds is counted, and no longer once it is closed.
+        with netns.in_netns(a.netns):
+            conn = socket.create_connection(("127.0.0.1", haproxy.EXPLICIT_HTTP_OUT), timeout=5)
+        try:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+            assert _evidence.stalled_after(state, a.name, baseline=0, timeout=0.3) == 1
+        finally:
+            conn.close()
+        assert _evidence.stalled_after(state, a.name, baseline=0, timeout=3.0) == 0
         with pytest.raises(_evidence.CaptureNotVerified, match="No such backend"):
             _evidence.shut_fallback_sessions(state, _evidence.ProxyPath(fallback_sections={a.name: frozenset({"nope"})}))
     finally:
