@@ -118,5 +118,5 @@ def markdown(summary: dict, ratio: dict, verdicts: list[dict], mode_order: list[
     if verdicts:
         lines += ["", "| target | measured | met |", "|---|---:|---|"]
         for v in verdicts:
-            lines.append(f"| {v['target']} | {v['ratio']:.2f} | {'yes' if v['met'] else 'no'} |")
+            lines.append(f"| {v['target']} | {v['ratio']:.3f} | {'yes' if v['met'] else 'no'} |")
     return "\n".join(lines)
