@@ -11,11 +11,10 @@ argument types the datapath relies on.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
-from functools import lru_cache
 
+from meshcni.sys import bpf
 from meshcni.sys.errors import BpfError
 
 # enum bpf_map_type
@@ -54,20 +53,8 @@ class _ProgLoadOpts(ctypes.Structure):
     ]
 
 
-@lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
-    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
-    except OSError as exc:
-        raise BpfError(f"cannot load libbpf ({name}): {exc}; install libbpf1") from exc
-    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p,
-                                  ctypes.c_size_t, ctypes.POINTER(_ProgLoadOpts)]
-    lib.bpf_prog_load.restype = ctypes.c_int
-    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
-                                   ctypes.c_uint32, ctypes.c_void_p]
-    lib.bpf_map_create.restype = ctypes.c_int
-    return lib
+    return bpf._lib()  # the one libbpf binding (meshcni/sys/bpf.py) declares these calls too
 
 
 def _errno(rc: int) -> int:

@@ -91,6 +91,9 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_get_next_key": [c_int, vp, vp],
         "bpf_obj_get_info_by_fd": [c_int, vp, ctypes.POINTER(ctypes.c_uint32)],
         "bpf_prog_get_fd_by_id": [c_uint],
+        # the preflight's tiny probe programs and maps (meshcni/preflight/rawbpf.py)
+        "bpf_prog_load": [c_int, ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, vp],
+        "bpf_map_create": [c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, vp],
     }.items():
         f = getattr(lib, fn)
         f.argtypes = args
