@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ class Agent:
         state = Path(opts.state_dir)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_lock(state / "agent.lock")
-        interceptors = self._load_interceptors(node_mode)
+        interceptors = self._load_interceptors()
         if node_mode is not Mode.OFF and node_mode not in interceptors:
             fallback = Mode.IPTABLES if Mode.IPTABLES in interceptors else Mode.OFF
             log.warning("node mode %s is unavailable; falling back to %s", node_mode.value, fallback.value)
@@ -114,6 +115,9 @@ class Agent:
         """The background loop until SIGTERM/SIGINT: adopt proxy listeners, follow the policy file."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
+        # This loop walks every pod each tick; with CPython's default 5 ms GIL switch interval an API call
+        # arriving meanwhile would wait for it. A 0.5 ms interval bounds that wait for CNI ADDs.
+        sys.setswitchinterval(0.0005)
         while not self.stop_event.wait(self.opts.reconcile_interval):
             self.tick()
         self.stop()
@@ -160,7 +164,7 @@ class Agent:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
-    def _load_interceptors(self, node_mode: Mode) -> dict:
+    def _load_interceptors(self) -> dict:
         """Probe the kernel, plan each direction, and build the interceptors the plan allows.
 
         Probing and compiling run in a child process (datapath/load_child.py) so this long-lived process

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from concurrent import futures
 from pathlib import Path
 from typing import Callable
@@ -142,11 +141,3 @@ def serve(service: AgentService, socket_path: str | os.PathLike, workers: int = 
     os.chmod(path, 0o600)
     return server
 
-
-def wait_for_socket(path: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return True
-        time.sleep(0.05)
-    return False
