@@ -324,18 +324,25 @@ class AgentCore:
             return 0
         listeners_map = self.ebpf.maps["mcni_listeners_v1"]
         now = time.monotonic()
-        todo = []
-        with self.lock:
-            for record in self.registry.all():
-                if record.mode != Mode.EBPF.value or record.phase != "captured" or record.slot < 0:
-                    continue
-                present = listeners_map.lookup(L.U32(record.slot * 2)) is not None
-                state = "registered" if present else "pending"
-                if state != record.listener:
-                    record.listener = state
-                    self._persist(record)
-                if not present and now >= self._next_search.get(record.container_id, (0.0, 0.0))[0]:
-                    todo.append((record, PodConfig.from_dict(record.config)))
+        todo, changed = [], []
+        # The map lookups run on a snapshot without the lock, so a tick never stalls an AddPod behind a
+        # walk over every pod; what changed is re-checked and persisted under the lock below.
+        for record in self.registry.all():
+            slot = record.slot
+            if record.mode != Mode.EBPF.value or record.phase != "captured" or slot < 0:
+                continue
+            present = listeners_map.lookup(L.U32(slot * 2)) is not None
+            state = "registered" if present else "pending"
+            if state != record.listener:
+                changed.append((record, slot, state))
+            if not present and now >= self._next_search.get(record.container_id, (0.0, 0.0))[0]:
+                todo.append((record, PodConfig.from_dict(record.config)))
+        if changed:
+            with self.lock:
+                for record, slot, state in changed:
+                    if self.registry.get(record.container_id) is record and record.slot == slot:
+                        record.listener = state
+                        self._persist(record)
         if not todo:
             return 0
         groups = listeners.pids_by_netns()
