@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _agent import PrivateAgent  # noqa: E402
+from _agent import private_agent  # noqa: E402
 
 from meshcni.agent.client import AgentClient  # noqa: E402
 
@@ -49,12 +49,12 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the result here too")
     args = ap.parse_args()
 
-    with PrivateAgent(netns_count=args.pods + 1) as agent:
+    with private_agent(netns_count=args.pods + 1) as (agent, namespaces):
         client = AgentClient(str(agent.socket))
 
         def add(i: int) -> float:
             started = time.perf_counter()
-            client.add_pod(container_id=f"bench-{i}", netns=agent.netns_path(i),
+            client.add_pod(container_id=f"bench-{i}", netns=namespaces[i],
                            ips=[f"10.{200 + i // 65536}.{i // 256 % 256}.{i % 256}"], pod_name=f"p{i}",
                            pod_namespace="bench")
             return (time.perf_counter() - started) * 1000

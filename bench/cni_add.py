@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from _agent import PrivateAgent  # noqa: E402
+from _agent import private_agent  # noqa: E402
 from cni_fake_agent import FakeAgent  # noqa: E402
 
 PREV = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": ""}],
@@ -116,13 +116,13 @@ def main() -> None:
 class _RealAgentTarget:
     """A real agent and one real netns standing in for the pod (each ADD enrols it under a new id)."""
 
-    def __init__(self, agent: PrivateAgent):
+    def __init__(self, agent, namespaces: list[str]):
         self._agent = agent
         self.cni_socket = str(agent.cni_socket)
-        self.netns = agent.netns_path(0)
+        self.netns = namespaces[0]
 
     def leftovers(self) -> int:
-        return len(list((self._agent.tmp / "state" / "pods").glob("*.json")))
+        return len(list((self._agent.state_dir / "pods").glob("*.json")))
 
 
 class _FakeAgentTarget:
@@ -137,12 +137,12 @@ class _FakeAgentTarget:
 
 class _agent:
     def __init__(self, fake: bool, tmp: str):
-        self._inner = FakeAgent(os.path.join(tmp, "agent.sock")) if fake else PrivateAgent(netns_count=1)
+        self._inner = FakeAgent(os.path.join(tmp, "agent.sock")) if fake else private_agent(netns_count=1)
         self._fake = fake
 
     def __enter__(self):
         inner = self._inner.__enter__()
-        return _FakeAgentTarget(inner) if self._fake else _RealAgentTarget(inner)
+        return _FakeAgentTarget(inner) if self._fake else _RealAgentTarget(*inner)
 
     def __exit__(self, *exc):
         return self._inner.__exit__(*exc)
