@@ -27,6 +27,9 @@ ALWAYS_EXCLUDED_INBOUND = (15008, 15020, 15021, 15090)
 ANN_MODE = "meshcni.io/mode"
 # "true": the app's own sockets may be spliced with sk_msg too (safe only for apps that retry EAGAIN).
 ANN_SPLICE_APP = "meshcni.io/splice-app"
+# "agent": the agent creates and holds the proxy's listeners and hands them over (hot upgrades lose nothing);
+# "proxy": the proxy binds its own and the agent adopts them.
+ANN_LISTENERS = "meshcni.io/listeners"
 ANN_INJECT = "sidecar.istio.io/inject"
 ANN_PREFIX = "traffic.sidecar.istio.io/"
 ANN_INCLUDE_INBOUND_PORTS = ANN_PREFIX + "includeInboundPorts"
@@ -70,6 +73,8 @@ class PodConfig:
     # Splicing puts a socket under tcp_bpf_recvmsg, which can answer EAGAIN to a blocking reader on 6.18; only
     # the sidecar proxy's sockets are spliced unless the pod says its app copes (see docs/architecture.md).
     splice_app: bool = False
+    # The agent holds the proxy's listening sockets and hands them to it (`meshcni proxy-exec`).
+    hold_listeners: bool = False
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -104,6 +109,7 @@ class PodConfig:
             "include_outbound_cidrs": cidrs(self.include_outbound_cidrs),
             "exclude_outbound_cidrs": [str(n) for n in self.exclude_outbound_cidrs],
             "splice_app": self.splice_app,
+            "hold_listeners": self.hold_listeners,
         }
 
     @classmethod
@@ -127,6 +133,7 @@ class PodConfig:
                 else _cidrs("include_outbound_cidrs", incl_cidrs),
                 exclude_outbound_cidrs=_cidrs("exclude_outbound_cidrs", data.get("exclude_outbound_cidrs", [])),
                 splice_app=_check_bool("splice_app", data.get("splice_app", False)),
+                hold_listeners=_check_bool("hold_listeners", data.get("hold_listeners", False)),
             )
         except ValueError as exc:
             if isinstance(exc, ConfigError):
@@ -167,6 +174,11 @@ class PodConfig:
             changes["exclude_outbound_cidrs"] = _cidrs(
                 ANN_EXCLUDE_OUTBOUND_CIDRS, _split(annotations[ANN_EXCLUDE_OUTBOUND_CIDRS])
             )
+        if ANN_LISTENERS in annotations:
+            raw = annotations[ANN_LISTENERS].strip().lower()
+            if raw not in ("agent", "proxy"):
+                raise ConfigError(f"{ANN_LISTENERS}: {raw!r} is not agent or proxy")
+            changes["hold_listeners"] = raw == "agent"
         if ANN_SPLICE_APP in annotations:
             changes["splice_app"] = _bool(ANN_SPLICE_APP, annotations[ANN_SPLICE_APP])
         return replace(base, **changes)

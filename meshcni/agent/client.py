@@ -103,3 +103,16 @@ class AgentClient:
     def gc(self, valid: list[tuple[str, str]]) -> list[dict]:
         req = pb.GcRequest(valid=[pb.Attachment(container_id=c, ifname=i) for c, i in valid])
         return to_dict(self._call("GarbageCollect", req))["removed"]
+
+    def proxy_status(self, key: str) -> dict:
+        d = to_dict(self._call("ProxyStatus", pb.PodKey(key=key)))
+        for k in ("handoffs", "refused", "generation"):
+            d[k] = int(d[k])
+        d["upgrades"] = {k: int(v) for k, v in (d.get("upgrades") or {}).items()}
+        return d
+
+    def upgrade_proxy(self, key: str, kind: str = "graceful", argv: list[str] | None = None,
+                      stop_signal: str = "", ready_socket: str = "", timeout: float = 0.0) -> dict:
+        req = pb.UpgradeRequest(key=key, kind=kind, argv=argv or [], stop_signal=stop_signal,
+                                ready_socket=ready_socket, timeout_seconds=timeout)
+        return to_dict(self._call("UpgradeProxy", req))

@@ -22,17 +22,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 from meshcni.agent.policy import NoPolicy, PolicySource
+from meshcni.agent.proxies import ProxyManager
 from meshcni.agent.registry import PodRecord, Registry, valid_container_id
 from meshcni.config import ConfigError, Mode, PodConfig
 from meshcni.datapath import layout as L
 from meshcni.datapath import listeners
 from meshcni.datapath.interceptor import PodNet
+from meshcni.handoff.errors import HandoffError
 from meshcni.sys import netns as netns_sys
 from meshcni.sys.errors import NamespaceNotFound, SysError
 
@@ -44,6 +46,8 @@ CNI_INVALID_CONFIG = 7
 CNI_TRY_AGAIN = 11
 CNI_INTERNAL = 100
 CNI_NOT_CAPTURED = 101
+# Registered pods whose SOCKMAP entry one tick re-checks (see adopt_listeners).
+SCAN_PER_TICK = 32
 
 
 class AgentError(Exception):
@@ -124,15 +128,17 @@ class AgentCore:
 
     def __init__(self, registry: Registry, interceptors: dict[Mode, object], *, ebpf=None,
                  node_mode: Mode = Mode.EBPF, policy: PolicySource | None = None,
-                 listener_provider: Callable | None = None):
+                 proxies: ProxyManager | None = None, hold_listeners: bool = False):
         self.registry = registry
         self.interceptors = interceptors  # Mode -> Interceptor; OFF has none
         self.ebpf = ebpf  # the EbpfDatapath, when loaded (counters, slots, listeners)
         self.node_mode = node_mode
         self.policy = policy or NoPolicy()
-        self.listener_provider = listener_provider  # (record, PodNet) -> {family: fd} | None
+        self.proxies = proxies  # agent-held listeners and upgrades; None: every proxy binds its own
+        self.hold_listeners = hold_listeners  # the node default of annotation meshcni.io/listeners
         self.lock = threading.RLock()
         self._next_search: dict[str, tuple[float, float]] = {}  # container id -> (next search time, delay)
+        self._scan_cursor = 0
         self.enrol_errors: dict[str, int] = {}
 
     # --- the CNI verbs ------------------------------------------------------------------------------------
@@ -170,6 +176,8 @@ class AgentCore:
                 self._apply(record, config, source, previous=Mode(existing.mode) if existing else adopt_from)
             except AgentError:
                 if existing is None:
+                    if self.proxies is not None:
+                        self.proxies.drop(record.container_id)
                     self.registry.remove(record.container_id)
                 raise
             return record
@@ -183,6 +191,8 @@ class AgentCore:
             problems = self._release(record, Mode(record.mode))
             if problems:
                 log.warning("pod %s: released with problems: %s", record.display_name, "; ".join(problems))
+            if self.proxies is not None:
+                self.proxies.drop(record.container_id)
             self.registry.remove(record.container_id)
             if hasattr(self.policy, "forget"):
                 self.policy.forget(record.pod_namespace, record.pod_name)
@@ -286,6 +296,45 @@ class AgentCore:
             return {}
         return self.ebpf.counters(slot)
 
+    # --- proxies ------------------------------------------------------------------------------------------
+
+    def proxy_status(self, record: PodRecord) -> dict | None:
+        held = self.proxies.get(record.container_id) if self.proxies is not None else None
+        return None if held is None else self.proxies.status(held)
+
+    def upgrade_proxy(self, key: str, kind: str, *, argv: list[str] | None = None, stop_signal: str = "SIGUSR1",
+                      ready_socket: str | None = None, timeout: float = 10.0):
+        """`meshcni proxy upgrade`: replace the pod's proxy by `kind` (see meshcni.agent.proxies)."""
+        record = self.find(key)
+        if self.proxies is None:
+            raise AgentError("precondition", "this agent does not manage proxies (no handoff directory)")
+        try:
+            sig = signal.Signals[stop_signal if stop_signal.startswith("SIG") else "SIG" + stop_signal]
+        except KeyError:
+            raise AgentError("invalid", f"{stop_signal!r} is not a signal name") from None
+        if not 0 < timeout <= 300:
+            raise AgentError("invalid", f"timeout {timeout:g}s is outside (0, 300]")
+        if ready_socket is not None and not ready_socket.startswith("/"):
+            raise AgentError("invalid", f"ready socket {ready_socket!r} must be an absolute path")
+        if record.mode == Mode.OFF.value:
+            raise AgentError("precondition", f"pod {record.display_name} is not captured (mode off)")
+        held = self.proxies.get(record.container_id)
+        pod = self._pod_net(record, PodConfig.from_dict(record.config))
+        swap = None
+        if held is None and kind == "adopt":
+            if self.slot_of(record) is None:
+                raise AgentError("precondition", f"adoption swaps a SOCKMAP entry; pod {record.display_name} "
+                                                 f"is in {record.mode} mode")
+            swap = lambda fds: self.swap_listener(record, fds)  # noqa: E731
+        stats = held.stats if held is not None else self.proxies.adopt_stats_for(record.container_id)
+        try:
+            return self.proxies.upgrade(held, pod, kind, argv=argv or None, stop_signal=sig,
+                                        ready_socket=ready_socket, timeout=timeout, swap=swap, stats=stats)
+        except HandoffError as exc:  # UpgradeError included
+            raise AgentError("precondition", f"pod {record.display_name}: {exc}") from exc
+        except (SysError, OSError) as exc:
+            raise AgentError("internal", f"pod {record.display_name}: upgrade failed: {exc}") from exc
+
     # --- start-up -----------------------------------------------------------------------------------------
 
     def recover(self) -> dict:
@@ -299,6 +348,8 @@ class AgentCore:
                     netns_sys.check_netns(record.netns)
                 except NamespaceNotFound:
                     self._release(record, Mode(record.mode))
+                    if self.proxies is not None:
+                        self.proxies.drop(record.container_id)
                     self.registry.remove(record.container_id)
                     report["removed"] += 1
                     log.info("pod %s: netns %s is gone; released", record.display_name, record.netns)
@@ -317,25 +368,36 @@ class AgentCore:
         """Register the proxy listener of eBPF pods that have none (a proxy just started, or was replaced).
 
         The kernel drops a closed listener from the SOCKMAP by itself, so "missing from the map" is the one
-        signal for both cases. The search for a proxy's socket walks /proc, so it runs once per tick for
-        all pods, outside the lock, with a per-pod back-off while a pod has no proxy listening at all.
+        signal for both cases. A tick stays cheap however many pods the node has: a pod still waiting for
+        its proxy is looked at only when its back-off expires, and registered pods are re-checked
+        `SCAN_PER_TICK` at a time, round robin (a replaced self-binding proxy is noticed within
+        pods / SCAN_PER_TICK ticks). Pods whose listeners the agent holds need no search at all. The search
+        for a self-binding proxy's socket walks /proc once per tick for all pods, outside the lock.
         """
         if self.ebpf is None:
             return 0
         listeners_map = self.ebpf.maps["mcni_listeners_v1"]
         now = time.monotonic()
         todo, changed = [], []
-        # The map lookups run on a snapshot without the lock, so a tick never stalls an AddPod behind a
-        # walk over every pod; what changed is re-checked and persisted under the lock below.
-        for record in self.registry.all():
+        # Snapshot without the lock, so a tick never stalls an AddPod; changes are re-checked under it below.
+        captured = sorted((r for r in self.registry.all()
+                           if r.mode == Mode.EBPF.value and r.phase == "captured" and r.slot >= 0),
+                          key=lambda r: r.slot)
+        registered = [r for r in captured if r.listener == "registered"]
+        look = [r for r in captured if r.listener != "registered"
+                and now >= self._next_search.get(r.container_id, (0.0, 0.0))[0]]
+        if registered:
+            start = self._scan_cursor % len(registered)
+            batch = (registered[start:] + registered[:start])[:SCAN_PER_TICK]
+            self._scan_cursor = start + len(batch)
+            look += batch
+        for record in look:
             slot = record.slot
-            if record.mode != Mode.EBPF.value or record.phase != "captured" or slot < 0:
-                continue
             present = listeners_map.lookup(L.U32(slot * 2)) is not None
             state = "registered" if present else "pending"
             if state != record.listener:
                 changed.append((record, slot, state))
-            if not present and now >= self._next_search.get(record.container_id, (0.0, 0.0))[0]:
+            if not present:
                 todo.append((record, PodConfig.from_dict(record.config)))
         if changed:
             with self.lock:
@@ -345,16 +407,21 @@ class AgentCore:
                         self._persist(record)
         if not todo:
             return 0
-        groups = listeners.pids_by_netns()
+        groups = None
         adopted = 0
         for record, config in todo:
             pod = self._pod_net(record, config)
+            held = self.proxies.get(record.container_id) if self.proxies is not None else None
+            fds: dict[int, int] = {}
             try:
-                fds = (self.listener_provider(record, pod) if self.listener_provider
-                       else listeners.take_listeners(record.netns, config.inbound_port, groups))
+                if held is not None:
+                    fds = held.listeners.inbound_fds()  # ours: registered again, never closed here
+                else:
+                    if groups is None:
+                        groups = listeners.pids_by_netns()
+                    fds = listeners.take_listeners(record.netns, config.inbound_port, groups)
             except (SysError, OSError) as exc:
                 log.warning("pod %s: looking for the proxy listener: %s", record.display_name, exc)
-                fds = {}
             if not fds:
                 delay = min(max(self._next_search.get(record.container_id, (0.0, 0.25))[1] * 2, 0.5), 5.0)
                 self._next_search[record.container_id] = (now + delay, delay)
@@ -373,16 +440,29 @@ class AgentCore:
             except (SysError, OSError) as exc:
                 log.warning("pod %s: cannot register the proxy listener: %s", record.display_name, exc)
             finally:
-                if not self.listener_provider:
+                if held is None:
                     for fd in fds.values():
                         os.close(fd)  # the SOCKMAP holds the socket itself
         return adopted
+
+    def swap_listener(self, record: PodRecord, fds: dict[int, int]) -> None:
+        """Point the pod's SOCKMAP slot at `fds` ({family: fd}, the caller keeps them): proxy adoption."""
+        with self.lock:
+            current = self.registry.get(record.container_id)
+            if current is None or self.slot_of(current) is None:
+                raise AgentError("precondition", f"pod {record.display_name} is not captured by eBPF; "
+                                                 f"there is no SOCKMAP entry to swap")
+            self.ebpf.register_listener(current.slot, self._pod_net(current, PodConfig.from_dict(current.config)),
+                                        fds)
+            current.listener = "registered"
+            self._persist(current)
 
     # --- internals ------------------------------------------------------------------------------------------
 
     def _desired_config(self, record: PodRecord) -> tuple[PodConfig, str]:
         annotations = self.policy.annotations(record.pod_namespace, record.pod_name) or {}
-        config = PodConfig.from_annotations(annotations, PodConfig(mode=self.node_mode))
+        config = PodConfig.from_annotations(annotations, PodConfig(mode=self.node_mode,
+                                                                   hold_listeners=self.hold_listeners))
         source = "annotation" if config.mode is not self.node_mode else "node"
         if record.mode_override:
             config, source = config.with_mode(record.mode_override), "override"
@@ -397,10 +477,11 @@ class AgentCore:
             raise AgentError("precondition", f"pod {record.display_name}: mode {mode.value} is not available "
                                              f"on this node (see `meshcni doctor`)")
         pod = self._pod_net(record, config)
+        held = self._hold_listeners(record, pod)
         if interceptor is not None:
             try:
                 if mode is Mode.EBPF and interceptor is self.ebpf:
-                    fds = self.listener_provider(record, pod) if self.listener_provider else None
+                    fds = held.listeners.inbound_fds() if held is not None else None
                     record.slot = self.ebpf.capture(pod, listener_fds=fds)
                 else:
                     interceptor.capture(pod)  # iptables, or a hybrid split on a degraded node
@@ -424,6 +505,24 @@ class AgentCore:
         record.listener = self._listener_state(record) if mode is Mode.EBPF else "none"
         self._persist(record)
         log.info("pod %s captured: mode %s (%s)", record.display_name, mode.value, source)
+
+    def _hold_listeners(self, record: PodRecord, pod: PodNet):
+        """The pod's agent-held listeners (created before any capture, so the proxy can fetch them), or None."""
+        if self.proxies is None:
+            return None
+        if not pod.config.hold_listeners:
+            self.proxies.drop(record.container_id)
+            return None
+        try:
+            return self.proxies.hold(record.container_id, record.display_name, pod)
+        except NamespaceNotFound as exc:
+            self._count_error("netns")
+            raise AgentError("not_found", str(exc)) from exc
+        except (HandoffError, SysError, OSError) as exc:
+            self._count_error("listeners")
+            raise AgentError("precondition", f"pod {record.display_name}: cannot hold the proxy's listeners: "
+                                             f"{exc} (a proxy that binds its own wants meshcni.io/listeners: "
+                                             f"proxy)") from exc
 
     def _release(self, record: PodRecord, mode: Mode) -> list[str]:
         interceptor = self.interceptors.get(mode)

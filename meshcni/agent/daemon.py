@@ -29,6 +29,7 @@ from meshcni.agent.core import AgentCore, AgentError, PodSpec
 from meshcni.agent.grpc_api import AgentService, serve
 from meshcni.agent.metrics import AgentCollector, MetricsServer
 from meshcni.agent.policy import LocalPolicyFile, NoPolicy, PolicyError
+from meshcni.agent.proxies import DEFAULT_HANDOFF_DIR, ProxyManager
 from meshcni.agent.registry import Registry
 from meshcni.cni import protocol
 from meshcni.config import Mode
@@ -61,6 +62,8 @@ class AgentOptions:
     kubeconfig: str | None = None
     reconcile_interval: float = 0.5
     masked_features: tuple[str, ...] = field(default_factory=tuple)
+    handoff_dir: str = DEFAULT_HANDOFF_DIR  # per-pod handoff sockets of agent-held listeners
+    hold_listeners: bool = False  # node default of meshcni.io/listeners: agent
 
 
 class Agent:
@@ -96,7 +99,9 @@ class Agent:
             log.warning("node mode %s is unavailable; falling back to %s", node_mode.value, fallback.value)
             self.degraded.append(f"node mode {node_mode.value} unavailable: using {fallback.value}")
             node_mode = fallback
-        self.core = AgentCore(Registry(state), interceptors, ebpf=self.datapath, node_mode=node_mode)
+        proxies = ProxyManager(opts.handoff_dir, log_dir=state / "proxy-logs", attach_cgroup=opts.cgroup)
+        self.core = AgentCore(Registry(state), interceptors, ebpf=self.datapath, node_mode=node_mode,
+                              proxies=proxies, hold_listeners=opts.hold_listeners)
         try:
             self.policy = self._policy_source()
             self.core.policy = self.policy
@@ -132,6 +137,7 @@ class Agent:
             self.core.adopt_listeners()
         except Exception:  # noqa: BLE001 - the loop must survive anything one pod throws
             log.exception("listener adoption failed")
+        self.core.proxies.reap()
 
     def stop(self) -> None:
         for server in (self._cni, self._metrics):
@@ -142,6 +148,8 @@ class Agent:
             Path(self.opts.socket).unlink(missing_ok=True)
         if self.policy:
             self.policy.close()
+        if self.core is not None and self.core.proxies is not None:
+            self.core.proxies.close()  # our copies only: the proxies keep serving, the next agent re-acquires
         if self.datapath:
             self.datapath.close()  # closes our fds only; programs, links and maps stay pinned
         if self._lock_fd is not None:

@@ -119,6 +119,34 @@ class AgentService(pb_grpc.AgentServicer):
                                node_mode=self.core.node_mode.value)
 
     @_guard
+    def ProxyStatus(self, request, context):
+        record = self.core.find(request.key)
+        reply = pb.ProxyStatusReply(container_id=record.container_id, pod_name=record.pod_name,
+                                    pod_namespace=record.pod_namespace)
+        info = self.core.proxy_status(record)
+        if info is None:
+            return reply
+        reply.held = True
+        reply.socket = info["socket"]
+        reply.listeners.extend(pb.ListenerInfo(name=n, address=v["address"], queued=v["queued"])
+                               for n, v in info["listeners"].items())
+        reply.proxy_pids.extend(info["proxy_pids"])
+        reply.handoffs, reply.refused, reply.generation = info["handoffs"], info["refused"], info["generation"]
+        reply.reacquired = info["reacquired"]
+        reply.upgrades.CopyFrom(pb.UpgradeCounters(**info["upgrades"]))
+        return reply
+
+    @_guard
+    def UpgradeProxy(self, request, context):
+        result = self.core.upgrade_proxy(request.key, request.kind or "graceful", argv=list(request.argv),
+                                         stop_signal=request.stop_signal or "SIGUSR1",
+                                         ready_socket=request.ready_socket or None,
+                                         timeout=request.timeout_seconds or 10.0)
+        return pb.UpgradeReply(kind=result.kind, old_pid=result.old_pid, new_pid=result.new.pid,
+                               old_exited=result.old_exited, queued=result.queued,
+                               in_flight_lost=result.in_flight_lost, seconds=result.seconds)
+
+    @_guard
     def GarbageCollect(self, request, context):
         removed = self.core.gc({(a.container_id, a.ifname or "eth0") for a in request.valid})
         return pb.GcReply(removed=[pb.Attachment(container_id=r.container_id, ifname=r.ifname) for r in removed])

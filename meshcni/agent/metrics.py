@@ -93,10 +93,67 @@ class AgentCollector:
                                 record.mode], float(value))
         yield from families.values()
 
+        yield from self._proxies()
+
         for name, (text, value) in sorted((self.extra() if self.extra else {}).items()):
             fam = CounterMetricFamily(name, text)
             fam.add_metric([], float(value))
             yield fam
+
+
+    def _proxies(self):
+        """Hot-upgrade figures of pods whose listeners the agent holds (and adoptions of the others)."""
+        proxies = self.core.proxies
+        if proxies is None:
+            return
+        labels = ["pod", "namespace"]
+        upgrades = CounterMetricFamily("meshcni_proxy_upgrades", "Proxy replacements the agent drove, by flow "
+                                       "(graceful, crash, adopt) and result.", labels=labels + ["kind", "result"])
+        handoffs = CounterMetricFamily("meshcni_proxy_handoffs", "Listener sets handed to a proxy over the pod's "
+                                       "handoff socket.", labels=labels)
+        refused = CounterMetricFamily("meshcni_proxy_handoffs_refused", "Handoff requests refused (wrong uid or "
+                                      "network namespace).", labels=labels)
+        queued = CounterMetricFamily("meshcni_proxy_connections_queued", "Connections that waited in a held "
+                                     "listener while no proxy generation accepted (crash or handoff).",
+                                     labels=labels)
+        lost = CounterMetricFamily("meshcni_proxy_inflight_lost", "Connections a SIGKILLed proxy had accepted "
+                                   "(crash flow): no listener can save those.", labels=labels)
+        backlog = GaugeMetricFamily("meshcni_proxy_listener_queue", "Connections waiting in a held listener's "
+                                    "accept queue now.", labels=labels + ["listener"])
+        held = GaugeMetricFamily("meshcni_proxy_listeners_held", "Listening sockets the agent holds for the pod.",
+                                 labels=labels)
+        for entry in proxies.all():
+            ids = self._pod_labels(entry.container_id)
+            try:
+                counts = entry.server.counters()
+                waiting = entry.listeners.queued()
+            except Exception as exc:  # noqa: BLE001 - a pod released during the scrape
+                log.debug("metrics: proxy of %s: %s", entry.display, exc)
+                continue
+            handoffs.add_metric(ids, float(counts["handoffs"]))
+            refused.add_metric(ids, float(counts["refused"]))
+            held.add_metric(ids, float(len(waiting)))
+            for name, n in waiting.items():
+                backlog.add_metric(ids + [name], float(n))
+            self._add_upgrades(upgrades, ids, entry.stats.to_dict())
+            queued.add_metric(ids, float(entry.stats.to_dict()["queued_connections"]))
+            lost.add_metric(ids, float(entry.stats.to_dict()["in_flight_lost"]))
+        for container_id, stats in list(proxies.adopt_stats.items()):
+            self._add_upgrades(upgrades, self._pod_labels(container_id), stats.to_dict(), only=("adopt",))
+        yield from (upgrades, handoffs, refused, queued, lost, backlog, held)
+
+    def _pod_labels(self, container_id: str) -> list[str]:
+        record = self.core.registry.get(container_id)
+        if record is None:
+            return [container_id, ""]
+        return [record.pod_name or record.container_id, record.pod_namespace]
+
+    @staticmethod
+    def _add_upgrades(fam, ids: list[str], stats: dict, only=("graceful", "crash")) -> None:
+        for kind, key in (("graceful", "graceful"), ("crash", "crash_restarts"), ("adopt", "adoptions")):
+            if kind in only:
+                fam.add_metric(ids + [kind, "ok"], float(stats[key]))
+        fam.add_metric(ids + [only[0] if len(only) == 1 else "any", "failed"], float(stats["failed"]))
 
 
 class MetricsServer:

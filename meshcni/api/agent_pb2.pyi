@@ -203,3 +203,91 @@ class GcReply(_message.Message):
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     removed: _containers.RepeatedCompositeFieldContainer[Attachment]
     def __init__(self, removed: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ...) -> None: ...
+
+class ListenerInfo(_message.Message):
+    __slots__ = ("name", "address", "queued")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    queued: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., queued: _Optional[int] = ...) -> None: ...
+
+class UpgradeCounters(_message.Message):
+    __slots__ = ("graceful", "crash_restarts", "adoptions", "failed", "queued_connections", "in_flight_lost")
+    GRACEFUL_FIELD_NUMBER: _ClassVar[int]
+    CRASH_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    ADOPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_LOST_FIELD_NUMBER: _ClassVar[int]
+    graceful: int
+    crash_restarts: int
+    adoptions: int
+    failed: int
+    queued_connections: int
+    in_flight_lost: int
+    def __init__(self, graceful: _Optional[int] = ..., crash_restarts: _Optional[int] = ..., adoptions: _Optional[int] = ..., failed: _Optional[int] = ..., queued_connections: _Optional[int] = ..., in_flight_lost: _Optional[int] = ...) -> None: ...
+
+class ProxyStatusReply(_message.Message):
+    __slots__ = ("container_id", "pod_name", "pod_namespace", "held", "socket", "listeners", "proxy_pids", "handoffs", "refused", "generation", "reacquired", "upgrades")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    POD_NAME_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    PROXY_PIDS_FIELD_NUMBER: _ClassVar[int]
+    HANDOFFS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REACQUIRED_FIELD_NUMBER: _ClassVar[int]
+    UPGRADES_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    pod_name: str
+    pod_namespace: str
+    held: bool
+    socket: str
+    listeners: _containers.RepeatedCompositeFieldContainer[ListenerInfo]
+    proxy_pids: _containers.RepeatedScalarFieldContainer[int]
+    handoffs: int
+    refused: int
+    generation: int
+    reacquired: bool
+    upgrades: UpgradeCounters
+    def __init__(self, container_id: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., held: _Optional[bool] = ..., socket: _Optional[str] = ..., listeners: _Optional[_Iterable[_Union[ListenerInfo, _Mapping]]] = ..., proxy_pids: _Optional[_Iterable[int]] = ..., handoffs: _Optional[int] = ..., refused: _Optional[int] = ..., generation: _Optional[int] = ..., reacquired: _Optional[bool] = ..., upgrades: _Optional[_Union[UpgradeCounters, _Mapping]] = ...) -> None: ...
+
+class UpgradeRequest(_message.Message):
+    __slots__ = ("key", "kind", "argv", "stop_signal", "ready_socket", "timeout_seconds")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    STOP_SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    READY_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    kind: str
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    stop_signal: str
+    ready_socket: str
+    timeout_seconds: float
+    def __init__(self, key: _Optional[str] = ..., kind: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., stop_signal: _Optional[str] = ..., ready_socket: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class UpgradeReply(_message.Message):
+    __slots__ = ("kind", "old_pid", "new_pid", "old_exited", "queued", "in_flight_lost", "seconds")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OLD_PID_FIELD_NUMBER: _ClassVar[int]
+    NEW_PID_FIELD_NUMBER: _ClassVar[int]
+    OLD_EXITED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_LOST_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    old_pid: int
+    new_pid: int
+    old_exited: bool
+    queued: int
+    in_flight_lost: int
+    seconds: float
+    def __init__(self, kind: _Optional[str] = ..., old_pid: _Optional[int] = ..., new_pid: _Optional[int] = ..., old_exited: _Optional[bool] = ..., queued: _Optional[int] = ..., in_flight_lost: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -79,6 +79,16 @@ class AgentStub:
                 request_serializer=meshcni_dot_api_dot_agent__pb2.GcRequest.SerializeToString,
                 response_deserializer=meshcni_dot_api_dot_agent__pb2.GcReply.FromString,
                 _registered_method=True)
+        self.ProxyStatus = channel.unary_unary(
+                '/meshcni.agent.v1.Agent/ProxyStatus',
+                request_serializer=meshcni_dot_api_dot_agent__pb2.PodKey.SerializeToString,
+                response_deserializer=meshcni_dot_api_dot_agent__pb2.ProxyStatusReply.FromString,
+                _registered_method=True)
+        self.UpgradeProxy = channel.unary_unary(
+                '/meshcni.agent.v1.Agent/UpgradeProxy',
+                request_serializer=meshcni_dot_api_dot_agent__pb2.UpgradeRequest.SerializeToString,
+                response_deserializer=meshcni_dot_api_dot_agent__pb2.UpgradeReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -144,6 +154,21 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProxyStatus(self, request, context):
+        """The pod's agent-held listeners, their handoff socket, the proxy processes holding them, upgrade counters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpgradeProxy(self, request, context):
+        """Replace the pod's proxy: graceful (same sockets, old one drains), crash (SIGKILL, start again) or adopt
+        (a self-binding proxy: its new listener is swapped into the SOCKMAP). Returns when the new one serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +216,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GarbageCollect,
                     request_deserializer=meshcni_dot_api_dot_agent__pb2.GcRequest.FromString,
                     response_serializer=meshcni_dot_api_dot_agent__pb2.GcReply.SerializeToString,
+            ),
+            'ProxyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProxyStatus,
+                    request_deserializer=meshcni_dot_api_dot_agent__pb2.PodKey.FromString,
+                    response_serializer=meshcni_dot_api_dot_agent__pb2.ProxyStatusReply.SerializeToString,
+            ),
+            'UpgradeProxy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeProxy,
+                    request_deserializer=meshcni_dot_api_dot_agent__pb2.UpgradeRequest.FromString,
+                    response_serializer=meshcni_dot_api_dot_agent__pb2.UpgradeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +471,60 @@ class Agent:
             '/meshcni.agent.v1.Agent/GarbageCollect',
             meshcni_dot_api_dot_agent__pb2.GcRequest.SerializeToString,
             meshcni_dot_api_dot_agent__pb2.GcReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProxyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshcni.agent.v1.Agent/ProxyStatus',
+            meshcni_dot_api_dot_agent__pb2.PodKey.SerializeToString,
+            meshcni_dot_api_dot_agent__pb2.ProxyStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeProxy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshcni.agent.v1.Agent/UpgradeProxy',
+            meshcni_dot_api_dot_agent__pb2.UpgradeRequest.SerializeToString,
+            meshcni_dot_api_dot_agent__pb2.UpgradeReply.FromString,
             options,
             channel_credentials,
             insecure,

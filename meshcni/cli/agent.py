@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from meshcni.agent.proxies import DEFAULT_HANDOFF_DIR
 from meshcni.agent.daemon import DEFAULT_METRICS, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Agent, AgentOptions, AgentStartError
 from meshcni.cni import protocol
 from meshcni.sys.errors import SysError
@@ -35,16 +36,21 @@ from meshcni.sys.errors import SysError
 @click.option("--kubeconfig", default=None, envvar="KUBECONFIG", help="kubeconfig [in-cluster credentials].")
 @click.option("--mask-feature", "masked", multiple=True,
               help="Treat a kernel feature as missing (testing the fallback). Repeatable.")
+@click.option("--handoff-dir", default=DEFAULT_HANDOFF_DIR, show_default=True,
+              help="Where per-pod handoff sockets of agent-held listeners are served (mount it into sidecars).")
+@click.option("--hold-listeners/--no-hold-listeners", default=False, show_default=True,
+              help="Node default for meshcni.io/listeners: the agent creates and holds every proxy's listeners.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def agent(pin_dir, cgroup, state_dir, socket_path, cni_socket, pending_dir, metrics_address, node_mode,
-          policy_file, kube, node_name, kubeconfig, masked, log_level):
+          policy_file, kube, node_name, kubeconfig, masked, handoff_dir, hold_listeners, log_level):
     """Run the meshcni node agent in the foreground until SIGTERM."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = AgentOptions(pin_dir=pin_dir, cgroup=cgroup, state_dir=state_dir, socket=socket_path,
                         cni_socket=cni_socket, pending_dir=pending_dir, metrics_address=metrics_address,
                         node_mode=node_mode, policy_file=policy_file, kube=kube, node_name=node_name,
-                        kubeconfig=kubeconfig, masked_features=tuple(masked))
+                        kubeconfig=kubeconfig, masked_features=tuple(masked), handoff_dir=handoff_dir,
+                        hold_listeners=hold_listeners)
     daemon = Agent(opts)
     try:
         daemon.start()

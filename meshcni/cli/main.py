@@ -19,16 +19,14 @@ def main() -> None:
 
 def _register() -> None:
     from meshcni.cli import agent as agent_cli
+    from meshcni.cli import doctor as doctor_cli
     from meshcni.cli import install as install_cli
     from meshcni.cli import lab as lab_cli
     from meshcni.cli import node as node_cli
+    from meshcni.cli import proxy as proxy_cli
 
-    main.add_command(agent_cli.agent)
-    main.add_command(install_cli.install_cni)
-    main.add_command(lab_cli.lab)
-    from meshcni.cli import proxy as proxy_cli; main.add_command(proxy_cli.proxy_exec)  # noqa: E702
-    from meshcni.cli import doctor as doctor_cli; main.add_command(doctor_cli.doctor)  # noqa: E702
-    for command in (node_cli.status, node_cli.pods, node_cli.counters, node_cli.mode):
+    for command in (agent_cli.agent, install_cli.install_cni, lab_cli.lab, proxy_cli.proxy_exec, proxy_cli.proxy,
+                    doctor_cli.doctor, node_cli.status, node_cli.pods, node_cli.counters, node_cli.mode):
         main.add_command(command)
 
 

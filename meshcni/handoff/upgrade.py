@@ -63,6 +63,10 @@ class ProxyLauncher:
         return proc.spawn(self.command(), netns=self.netns, cgroup=self.cgroup, uid=self.uid, gid=self.gid,
                           stdout=self.log, stderr=self.log, cwd="/")
 
+    def ready(self, pid: int) -> bool:
+        """Does generation `pid` serve yet? Subclasses may know better (see meshcni.agent.proxies)."""
+        return _answers(self, pid)
+
 
 @dataclass
 class UpgradeResult:
@@ -211,7 +215,7 @@ def wait_ready(launcher: ProxyLauncher, p: subprocess.Popen, timeout: float,
             peak = max(peak, sum(listeners.queued().values()))
         if p.poll() is not None:
             raise UpgradeError(f"the new proxy (pid {p.pid}) exited with status {p.returncode}{_tail(launcher.log)}")
-        if _answers(launcher, p.pid):
+        if launcher.ready(p.pid):
             return peak
         if time.monotonic() > deadline:
             raise UpgradeError(f"the new proxy (pid {p.pid}) did not become ready within {timeout:g}s"
