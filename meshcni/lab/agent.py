@@ -3,9 +3,9 @@
 Everything lives under the lab's state dir: the agent's registry, its gRPC and CNI sockets, the policy
 file that stands in for pod annotations (the lab's explicit benchmark ports are excluded from capture
 there, as an operator would annotate them), and a CNI bin dir holding a `meshcni` entry that runs the
-plugin from this checkout. The agent runs outside the lab's cgroup and netns, like a host-network
-DaemonSet pod, with its own bpffs directory and the lab's cgroup as the attach point, so it can never see
-the host's traffic.
+plugin from this checkout. The agent runs in the host netns and inside the lab's cgroup (the attach
+point of its programs), like a host-network DaemonSet pod below the root cgroup, with its own bpffs
+directory; it enrols only the lab's namespaces, so it can never see the host's traffic.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from meshcni.agent.policy import write_policy
+from meshcni.agent.proxies import handoff_socket_name
 from meshcni.config import ANN_EXCLUDE_INBOUND_PORTS, ANN_EXCLUDE_OUTBOUND_PORTS
 from meshcni.lab import haproxy
 from meshcni.lab.state import LAB_NAMESPACE, LabError, LabNames, LabState
@@ -31,7 +32,12 @@ def paths(state: LabState | str | Path) -> dict[str, Path]:
     d = Path(state.state_dir if isinstance(state, LabState) else state)
     return {"dir": d / "agent", "socket": d / "agent.sock", "cni_socket": d / "cni.sock",
             "pending": d / "pending", "policy": d / "policy.json", "log": d / "agent.log", "bin": d / "cni-bin",
-            "plugin_log": d / "meshcni-cni.log"}
+            "plugin_log": d / "meshcni-cni.log", "handoff": d / "handoff"}
+
+
+def handoff_socket(state: LabState, pod) -> Path:
+    """Where the lab agent serves `pod`'s held listeners (meshcni.agent.proxies names it)."""
+    return paths(state)["handoff"] / handoff_socket_name(LAB_NAMESPACE, pod.name, pod.container_id)
 
 
 def lab_policy(annotations: Mapping[str, Mapping[str, str]] | None = None) -> dict:
@@ -85,8 +91,13 @@ def start(state: LabState, names: LabNames, annotations: Mapping[str, Mapping[st
     argv = [sys.executable, "-m", "meshcni", "agent", "--bpf-dir", state.bpf_pin_dir, "--cgroup", state.cgroup,
             "--state-dir", str(p["dir"]), "--socket", str(p["socket"]), "--cni-socket", str(p["cni_socket"]),
             "--pending-dir", str(p["pending"]), "--metrics-address", state.agent_metrics,
-            "--policy-file", str(p["policy"]), "--mode", state.agent_mode]
-    child = proc.spawn(argv, stdout=p["log"], stderr=p["log"], cwd="/")
+            "--policy-file", str(p["policy"]), "--mode", state.agent_mode, "--handoff-dir", str(p["handoff"])]
+    if state.hold_listeners:
+        argv.append("--hold-listeners")
+    # Inside the lab cgroup, as a DaemonSet agent sits below the root its programs attach to: listeners it
+    # creates for the sidecars must belong to the cgroup the hooks see (its own traffic is in the host
+    # netns, which is never enrolled, so the hooks leave it alone).
+    child = proc.spawn(argv, stdout=p["log"], stderr=p["log"], cwd="/", cgroup=state.cgroup)
     state.agent_process = proc.ref(child.pid).to_dict()
     state.save()
     wait_ready(state, child)

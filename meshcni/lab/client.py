@@ -81,21 +81,33 @@ def tcp_echo(host: str, port: int, nbytes: int) -> dict:
     }
 
 
+SAMPLES_PER_KIND = 20  # detail records kept per failure reason and per proxy path
+
+
 def load(host: str, port: int, stop_file: str, path: str = "/", max_seconds: float = 600.0) -> dict:
     """Connection-per-request HTTP until `stop_file` exists: every new connection must succeed.
 
     This is the load a zero-loss claim is measured under (agent restarts, mode toggles, proxy upgrades):
     each request opens a fresh connection, so any moment capture is not in place, or a listener is
     missing, shows up as a refused or reset connection. Failures are counted by reason, never retried.
+    The first few requests of each failure reason and of each proxy path are also kept in detail (wall
+    time, the phase that failed, errno, the client's local address), so a rare failure can be matched
+    with what the datapath did at that moment.
     """
     ok = failed = 0
     errors: dict[str, int] = {}
     proxies: dict[str, int] = {}
+    samples: dict[str, list[dict]] = {}
     deadline = time.monotonic() + max_seconds
     while not os.path.exists(stop_file) and time.monotonic() < deadline:
         conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+        detail = {"t": round(time.time(), 6), "phase": "connect", "local": None}
         try:
+            conn.connect()
+            detail["local"] = "%s:%d" % conn.sock.getsockname()[:2]
+            detail["phase"] = "request"
             conn.request("GET", path, headers={"user-agent": "meshcni-lab-load", "connection": "close"})
+            detail["phase"] = "response"
             resp = conn.getresponse()
             resp.read()
             if resp.status != 200:
@@ -103,14 +115,21 @@ def load(host: str, port: int, stop_file: str, path: str = "/", max_seconds: flo
             ok += 1
             via = ",".join(v for k, v in resp.getheaders() if k.lower() == "x-meshcni-proxy") or "direct"
             proxies[via] = proxies.get(via, 0) + 1
+            kind = f"via {via}"
         except (OSError, http.client.HTTPException) as exc:
             failed += 1
             reason = f"{type(exc).__name__}: {exc}"[:120]
             errors[reason] = errors.get(reason, 0) + 1
+            kind = f"failed {reason}"
+            detail["errno"] = getattr(exc, "errno", None)
         finally:
             conn.close()
+        detail["seconds"] = round(time.time() - detail["t"], 6)
+        kept = samples.setdefault(kind, [])
+        if len(kept) < SAMPLES_PER_KIND:
+            kept.append(detail)
     return {"kind": "load", "url": f"http://{host}:{port}{path}", "ok": ok, "failed": failed, "errors": errors,
-            "via": proxies}
+            "via": proxies, "samples": samples}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,13 @@ class ProxySpec:
     listen_fds: bool = False
 
 
+# What a mesh's client-side proxy does for idempotent requests (Envoy's retry_on reset/connect-failure): a
+# request whose upstream connection failed or closed before any byte of answer is sent again on a new
+# connection. That is what makes a SIGKILLed server-side proxy invisible to the app: the connections the
+# killed proxy had accepted die with it, the retry waits in the agent-held listener for the next one.
+RETRIES = "    retries 3\n    retry-on conn-failure empty-response\n"
+
+
 def render(spec: ProxySpec) -> str:
     def route(direction: str) -> str:
         # dst_port is the original destination port (SO_ORIGINAL_DST / local address), known at accept time,
@@ -84,7 +91,7 @@ frontend outbound
 
 backend outbound_http
     mode http
-    http-response add-header {PROXY_HEADER} {spec.pod}-outbound
+{RETRIES}    http-response add-header {PROXY_HEADER} {spec.pod}-outbound
     server orig 0.0.0.0
 
 backend outbound_tcp
@@ -113,7 +120,7 @@ frontend explicit_http_out
 
 backend explicit_http_out
     mode http
-    server peer {spec.peer_ip}:{EXPLICIT_HTTP_IN}
+{RETRIES}    server peer {spec.peer_ip}:{EXPLICIT_HTTP_IN}
 
 frontend explicit_http_in
     bind 0.0.0.0:{EXPLICIT_HTTP_IN}

@@ -49,6 +49,7 @@ class LabOptions:
     capture: bool = True
     agent: bool = True  # capture through the lab's own agent + CNI plugin; False: enrol straight into the datapath
     agent_mode: str = "ebpf"
+    hold_listeners: bool = False  # the agent holds the sidecars' listeners (hot upgrades); needs agent
     annotations: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # pod name -> its annotations
     proxy_http_ports: tuple[int, ...] = (80, 8080)
     cni_path: tuple[str, ...] = (cni.REFERENCE_PLUGIN_DIR,)
@@ -99,6 +100,8 @@ def up(opts: LabOptions) -> LabState:
 
 def _validate(opts: LabOptions) -> None:
     check_name(opts.name)
+    if opts.hold_listeners and not (opts.capture and opts.agent):
+        raise LabError("--hold-listeners needs the lab's agent (drop --no-agent / --no-capture)")
     if not 1 <= opts.pods <= MAX_PODS:
         raise LabError(f"--pods must be between 1 and {MAX_PODS}, not {opts.pods}")
     for port in opts.proxy_http_ports:
@@ -146,6 +149,7 @@ def _allocate(opts: LabOptions, state_dir: Path, names: LabNames) -> LabState:
             cni_path=([str(lab_agent.paths(state_dir)["bin"])] if use_agent else []) + list(opts.cni_path),
             use_agent=use_agent,
             agent_mode=opts.agent_mode,
+            hold_listeners=use_agent and opts.hold_listeners,
         )
         state.save()
     return state

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from meshcni.config import PROXY_GID, PROXY_UID
@@ -48,24 +49,31 @@ def prepare(state: LabState, pod: PodState, peer: PodState) -> dict[str, Path]:
         peer_ip=peer.ip or "",
         http_ports=tuple(state.proxy_http_ports),
         socket_path=proxy_socket(state, pod),
+        listen_fds=state.hold_listeners,
     )
     hap = d / "haproxy.cfg"
     hap.write_text(haproxy.render(spec), encoding="utf-8")
     os.chmod(hap, 0o644)
-    return {"nginx": ngx, "haproxy": hap}
+    confs = {"nginx": ngx, "haproxy": hap, "haproxy_check": hap}
+    if spec.listen_fds:
+        # `haproxy -c` cannot check `bind fd@N` without the sockets; the same config with plain binds can be.
+        check = d / "haproxy-check.cfg"
+        check.write_text(haproxy.render(replace(spec, listen_fds=False)), encoding="utf-8")
+        confs["haproxy_check"] = check
+    return confs
 
 
 def start(state: LabState, pod: PodState, peer: PodState, timeout: float) -> None:
     """Start app and sidecar, recording each process in the state the moment it exists."""
     confs = prepare(state, pod, peer)
     d = pod_dir(state, pod)
-    check = proc.run(haproxy.check_argv(confs["haproxy"]), uid=PROXY_UID, gid=PROXY_GID, timeout=30)
+    check = proc.run(haproxy.check_argv(confs["haproxy_check"]), uid=PROXY_UID, gid=PROXY_GID, timeout=30)
     if check.returncode != 0:
         raise LabError(f"HAProxy rejects the config for pod {pod.name}: {check.stderr.decode().strip()}")
     plan = [
         ("nginx", nginx.argv(confs["nginx"], d), None, None, set(nginx.APP_PORTS)),
         ("echo", [sys.executable, "-m", "meshcni.lab.echo", "--port", str(ECHO_PORT)], APP_UID, APP_GID, {ECHO_PORT}),
-        ("haproxy", haproxy.argv(confs["haproxy"]), PROXY_UID, PROXY_GID, set(haproxy.LISTEN_PORTS)),
+        ("haproxy", _sidecar_argv(state, pod, confs["haproxy"]), PROXY_UID, PROXY_GID, set(haproxy.LISTEN_PORTS)),
     ]
     for name, argv, uid, gid, ports in plan:
         log = d / f"{name}.log"
@@ -76,6 +84,16 @@ def start(state: LabState, pod: PodState, peer: PodState, timeout: float) -> Non
         state.save()
         _wait_listening(pod, name, p, ports, log, timeout)
     _wait_socket(pod, proxy_socket(state, pod), timeout)
+
+
+def _sidecar_argv(state: LabState, pod: PodState, conf: Path) -> list[str]:
+    """HAProxy, started through `meshcni proxy-exec` when the agent holds the pod's listeners."""
+    if not state.hold_listeners:
+        return haproxy.argv(conf)
+    from meshcni.lab import agent as lab_agent
+
+    return [sys.executable, "-m", "meshcni.cli.proxy", "--socket", str(lab_agent.handoff_socket(state, pod)),
+            "--", *haproxy.argv(conf)]
 
 
 def _wait_listening(pod: PodState, name: str, p, ports: set[int], log: Path, timeout: float) -> None:

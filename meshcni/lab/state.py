@@ -110,6 +110,7 @@ class LabState:
     pods: list[PodState] = field(default_factory=list)
     use_agent: bool = False  # pods are enrolled by the lab's own agent through the meshcni CNI plugin
     agent_mode: str = "ebpf"  # the agent's node mode
+    hold_listeners: bool = False  # the agent holds each sidecar's listeners; HAProxy runs via proxy-exec
     agent_process: dict | None = None  # ProcessRef.to_dict() of the running agent
     agent_metrics: str | None = None  # host:port of its /metrics
     phase: str = "creating"  # creating -> ready; "failed" after a rolled-back up
