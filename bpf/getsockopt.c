@@ -5,7 +5,10 @@
  * Proxies written for iptables REDIRECT (Envoy's original_dst listener filter, HAProxy's transparent
  * `server 0.0.0.0`) ask getsockopt(SOL_IP, SO_ORIGINAL_DST) on the accepted socket. With connect-time
  * capture there is no conntrack entry, so the kernel fails the call; this program replaces the result with
- * the destination recorded for the app end of the connection (found by reversing the proxy's own tuple).
+ * the destination sockops stored on the proxy's accepted socket (mcni_accepted_origdst_v1). Only when that
+ * storage could not be created is the record still under the app-side tuple, found by reversing the proxy's
+ * own; that costs a tuple and a hash lookup, so it is tried for loopback sockets only (capture lands on
+ * loopback; a connection steered inbound keeps its pod address and needs no answer from us).
  */
 #include "meshcni.h"
 
@@ -24,15 +27,9 @@ struct mcni_sockaddr_in6 {
 	__u32 scope_id;
 };
 
-int mcni_getsockopt(struct bpf_sockopt *ctx)
+/* The record under the app-side tuple, for a loopback socket whose storage could not be created. */
+static __always_inline struct mcni_origdst *mcni_origdst_by_tuple(struct bpf_sockopt *ctx, struct bpf_sock *sk)
 {
-	if (ctx->optname != MCNI_SO_ORIGINAL_DST ||
-	    (ctx->level != MCNI_SOL_IP && ctx->level != MCNI_SOL_IPV6))
-		return 1;
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk)
-		return 1;
-
 	struct mcni_tuple proxy_side = {};
 	__u32 family = MCNI_CTX_U32(sk, family);
 	if (family == AF_INET) {
@@ -44,8 +41,10 @@ int mcni_getsockopt(struct bpf_sockopt *ctx)
 		mcni_ip_from_v6(&proxy_side.local, l);
 		mcni_ip_from_v6(&proxy_side.remote, r);
 	} else {
-		return 1;
+		return 0;
 	}
+	if (!mcni_ip_is_loopback(&proxy_side.local))
+		return 0;
 	proxy_side.local_port = (__u16)MCNI_CTX_U32(sk, src_port);
 	/* dst_port is a __be16 followed by 16 zero bits (u32 loads are allowed for compatibility) */
 	proxy_side.remote_port = bpf_ntohs((__u16)MCNI_CTX_U32(sk, dst_port));
@@ -53,7 +52,21 @@ int mcni_getsockopt(struct bpf_sockopt *ctx)
 
 	struct mcni_tuple app_side;
 	mcni_tuple_reverse(&proxy_side, &app_side);
-	struct mcni_origdst *orig = mcni_pair_origdst_v1.lookup(&app_side);
+	return mcni_pair_origdst_v1.lookup(&app_side);
+}
+
+int mcni_getsockopt(struct bpf_sockopt *ctx)
+{
+	if (ctx->optname != MCNI_SO_ORIGINAL_DST ||
+	    (ctx->level != MCNI_SOL_IP && ctx->level != MCNI_SOL_IPV6))
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+
+	struct mcni_origdst *orig = mcni_accepted_origdst_v1.sk_storage_get(sk, 0, 0);
+	if (!orig)
+		orig = mcni_origdst_by_tuple(ctx, sk);
 	if (!orig)
 		return 1; /* not ours: keep the kernel's answer */
 

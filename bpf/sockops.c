@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * sockops: index captured connections by 4-tuple and collect spliceable sockets.
+ * sockops: carry captured connections' original destinations to the proxy, and collect spliceable sockets.
  *
- * When a captured app socket becomes established, its original destination moves from the socket-cookie
- * map to a map keyed by the app-side tuple, which is what the proxy side can compute in getsockopt. Sockets
+ * At TCP_CONNECT_CB of a captured app socket (inside its connect(), after the source port is bound and before
+ * the SYN is sent) the original destination moves from the socket-cookie map to a map keyed by the app-side
+ * tuple; at PASSIVE_ESTABLISHED of the proxy's accepted socket (which runs before accept() can return it) it
+ * moves on into that socket's own storage, where getsockopt finds it. See the maps in meshcni.h. Sockets
  * whose peer is in the same pod (loopback) go into mcni_socks_v1 so that sk_msg can hand data straight to
  * the peer socket, subject to the pod's flags: by default (MCNI_F_SPLICE) only the sidecar proxy's own ends of
  * proxy <-> proxy connections, because inserting a socket swaps its recvmsg for tcp_bpf_recvmsg, which a
@@ -30,20 +32,77 @@ static __always_inline void mcni_sockops_tuple(struct bpf_sock_ops *skops, struc
 	mcni_tuple_scope(t, netns);
 }
 
-static __always_inline void mcni_established(struct bpf_sock_ops *skops, const struct mcni_pod *pod, __u64 netns)
+/* The proxy's tuple never matches the app's, so the proxy's own connects need no cookie lookup. */
+static __always_inline int mcni_is_proxy_task(const struct mcni_pod *pod)
+{
+	__u64 uid_gid = bpf_get_current_uid_gid();
+	return (__u32)uid_gid == pod->proxy_uid || (__u32)(uid_gid >> 32) == pod->proxy_gid;
+}
+
+/* TCP_CONNECT_CB runs from connect() itself, so the current task is the one that owns the socket. */
+static __always_inline void mcni_connecting(struct bpf_sock_ops *skops, const struct mcni_pod *pod, __u64 netns)
+{
+	struct mcni_tuple t = {};
+	if (mcni_is_proxy_task(pod)) {
+		if (pod->flags & MCNI_F_SPLICE) {
+			mcni_sockops_tuple(skops, &t, netns);
+			if (mcni_proxy_pair_candidate(&t))
+				mcni_mark_proxy_end(pod->slot, &t);
+		}
+		return;
+	}
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct mcni_origdst *orig = mcni_sock_origdst_v1.lookup(&cookie);
+	if (!orig)
+		return; /* not captured by connect4 */
+	struct mcni_origdst copy = *orig;
+	mcni_sockops_tuple(skops, &t, netns);
+	/* written before the SYN exists, so the proxy's end can never be established without it */
+	if (mcni_pair_origdst_v1.update(&t, &copy) != 0)
+		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
+	else
+		/* until established: a connect that fails must take its record along (see STATE_CB) */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	mcni_sock_origdst_v1.delete(&cookie);
+}
+
+/* PASSIVE_ESTABLISHED of a socket accepted on the pod's outbound capture listener: claim the record the app's
+ * connect wrote. This callback runs with the new socket locked in softirq, and accept() locks the socket before
+ * handing it out, so the proxy cannot ask before the record is in place. */
+static __always_inline void mcni_claim_origdst(struct bpf_sock_ops *skops, const struct mcni_pod *pod,
+					       const struct mcni_tuple *proxy_side)
+{
+	if (!proxy_side->netns || proxy_side->local_port != pod->outbound_port)
+		return; /* capture always lands on loopback, on the outbound port */
+	struct mcni_tuple app_side;
+	mcni_tuple_reverse(proxy_side, &app_side);
+	struct mcni_origdst *orig = mcni_pair_origdst_v1.lookup(&app_side);
+	if (!orig)
+		return; /* a connection to the listener that was not captured (e.g. the proxy's own) */
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return;
+	struct mcni_origdst *stored = mcni_accepted_origdst_v1.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!stored) {
+		/* no memory for the storage: the tuple map keeps the record and getsockopt falls back to it */
+		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
+		return;
+	}
+	*stored = *orig;
+	mcni_pair_origdst_v1.delete(&app_side);
+}
+
+static __always_inline void mcni_established(struct bpf_sock_ops *skops, const struct mcni_pod *pod, __u64 netns,
+					     int passive)
 {
 	struct mcni_tuple t = {};
 	mcni_sockops_tuple(skops, &t, netns);
 
-	__u64 cookie = bpf_get_socket_cookie(skops);
-	struct mcni_origdst *orig = mcni_sock_origdst_v1.lookup(&cookie);
-	if (orig) {
-		struct mcni_origdst copy = *orig;
-		mcni_pair_origdst_v1.update(&t, &copy);
-		mcni_sock_origdst_v1.delete(&cookie);
-		/* ask for the state callback so the pair entry goes away with the connection */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	}
+	if (passive)
+		mcni_claim_origdst(skops, pod, &t);
+	else if (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG)
+		/* a captured app socket is connected: its record is the proxy's now, stop watching its states */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 
 	/* whatever happens below, the record of a proxy end is consumed here */
 	int proxy_end = 0;
@@ -63,40 +122,41 @@ static __always_inline void mcni_established(struct bpf_sock_ops *skops, const s
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+/* A socket we asked state callbacks for is closing: a captured app socket whose connect failed (still in
+ * SYN_SENT: no proxy end can exist, so its record goes), or a spliced socket (its no-splice mark goes). */
+static __always_inline void mcni_closed(struct bpf_sock_ops *skops, __u64 netns)
+{
+	struct mcni_tuple t = {};
+	mcni_sockops_tuple(skops, &t, netns);
+	if (skops->args[0] == BPF_TCP_SYN_SENT)
+		mcni_pair_origdst_v1.delete(&t);
+	else
+		mcni_nosplice_v1.delete(&t);
+}
+
 int mcni_sockops(struct bpf_sock_ops *skops)
 {
+	/* The kernel calls sockops for more events than these on every TCP socket in the cgroup (RTO and window
+	 * init, ECN, RTT, every state change of a flagged socket): answer those before any map lookup. */
+	__u32 op = skops->op;
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return 1;
 	__u64 netns = bpf_get_netns_cookie(skops);
+	if (op == BPF_SOCK_OPS_STATE_CB) {
+		/* flagged sockets only; cleanup must not depend on the pod still being enrolled */
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			mcni_closed(skops, netns);
+		return 1;
+	}
 	struct mcni_pod *pod = mcni_pod_by_netns(netns);
 	if (!pod)
 		return 1;
-
-	switch (skops->op) {
-	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		/* called from connect() itself, so the current task is the one that owns the socket */
-		if (pod->flags & MCNI_F_SPLICE) {
-			__u64 uid_gid = bpf_get_current_uid_gid();
-			if ((__u32)uid_gid == pod->proxy_uid || (__u32)(uid_gid >> 32) == pod->proxy_gid) {
-				struct mcni_tuple t = {};
-				mcni_sockops_tuple(skops, &t, netns);
-				if (mcni_proxy_pair_candidate(&t))
-					mcni_mark_proxy_end(pod->slot, &t);
-			}
-		}
-		break;
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		mcni_established(skops, pod, netns);
-		break;
-	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE) {
-			struct mcni_tuple t = {};
-			mcni_sockops_tuple(skops, &t, netns);
-			mcni_pair_origdst_v1.delete(&t);
-			mcni_nosplice_v1.delete(&t);
-		}
-		break;
-	}
+	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB)
+		mcni_connecting(skops, pod, netns);
+	else
+		mcni_established(skops, pod, netns, op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB);
 	return 1;
 }

@@ -140,12 +140,36 @@ BPF_TABLE_PINNED("hash", struct mcni_port_key, __u8, mcni_ports_v1, MCNI_MAX_POD
 /* (slot, kind, CIDR) -> 1: include/exclude outbound CIDRs, longest-prefix matched per kind. */
 BPF_F_TABLE("lpm_trie:" MCNI_PIN(mcni_cidrs_v1), struct mcni_cidr_key, __u8, mcni_cidrs_v1, MCNI_MAX_PODS * 16,
             BPF_F_NO_PREALLOC);
-/* socket cookie of a captured app socket -> where it wanted to go (set by connect, read by sockops). */
+/* The original destination of a captured connection travels in three steps, each written before the next
+ * reader can run, so no ordering of the two ends' callbacks can lose it:
+ *   connect4 (app's connect(), tuple unknown) -> mcni_sock_origdst_v1 by socket cookie;
+ *   sockops TCP_CONNECT_CB (same connect(), source port bound, SYN not yet sent) -> mcni_pair_origdst_v1 by the
+ *     app-side tuple;
+ *   sockops PASSIVE_ESTABLISHED of the proxy's accepted socket (before accept() can return it) ->
+ *     mcni_accepted_origdst_v1, storage of that socket, which getsockopt reads and which dies with it.
+ * The record therefore never depends on the app's socket still existing: an app that sent and closed before
+ * its busy proxy accepted (a client giving up, wrk exiting) still gets proxied to where it was going. */
+/* socket cookie of a captured app socket -> where it wanted to go; lives from connect4 to TCP_CONNECT_CB. */
 BPF_TABLE_PINNED("lru_hash", __u64, struct mcni_origdst, mcni_sock_origdst_v1, MCNI_MAX_CONNS,
                  MCNI_PIN(mcni_sock_origdst_v1));
-/* app-side tuple of a captured connection -> original destination (read by getsockopt on the proxy side). */
+/* app-side tuple of a captured connection -> original destination; lives from the SYN until the proxy's end
+ * is established (or the app's connect fails). LRU bounds what a handshake the proxy never completed (its
+ * accept queue overflowed) leaves behind. */
 BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, struct mcni_origdst, mcni_pair_origdst_v1, MCNI_MAX_CONNS,
                  MCNI_PIN(mcni_pair_origdst_v1));
+/* the proxy's accepted socket of a captured connection -> original destination (socket-local storage, read by
+ * getsockopt; freed by the kernel with the socket, so nothing has to delete it). bcc's BPF_SK_STORAGE has no
+ * pinned form; this is what it declares, with the pin path in the section name as BPF_TABLE_PINNED does. */
+struct mcni_accepted_origdst_v1_table_t {
+	int key;
+	struct mcni_origdst leaf;
+	void *(*sk_storage_get)(void *, void *, int);
+	int (*sk_storage_delete)(void *);
+	u32 flags;
+};
+__attribute__((section("maps/sk_storage:" MCNI_PIN(mcni_accepted_origdst_v1))))
+struct mcni_accepted_origdst_v1_table_t mcni_accepted_origdst_v1 = { .flags = BPF_F_NO_PREALLOC };
+BPF_ANNOTATE_KV_PAIR(mcni_accepted_origdst_v1, int, struct mcni_origdst);
 /* tuple -> established local socket, for sk_msg splicing; the kernel drops entries of closed sockets. */
 struct mcni_socks_v1_table_t {
 	struct mcni_tuple key;

@@ -296,3 +296,51 @@ def _listening_port(pid: int) -> int:
 
     (conn,) = [c for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN]
     return conn.laddr.port
+
+
+def test_original_destination_survives_an_app_that_closed_before_the_proxy_accepted(node, pods):
+    """A busy proxy accepts a connection after its app already sent and closed (a client that gave up, or
+    wrk exiting): the proxy must still learn where the connection was going, or it forwards it to itself.
+    The app's socket is gone entirely by then (FIN_WAIT2 orphans become timewait socks at once)."""
+    acceptor = proc.spawn([sys.executable, str(HERE / "late_acceptor.py"), "127.0.0.1", "15001"],
+                          netns=pods.path("a"), cgroup=node["cgroup"], uid=PROXY_UID, gid=PROXY_UID,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    pods.procs.append(acceptor)
+    assert acceptor.stdout.readline().strip() == b"ready"
+    node["dp"].capture(pods.podnet("a"))
+    records_before = node["dp"].map_entries("mcni_pair_origdst_v1")
+    count = 20
+    script = ("import socket,sys\n"
+              "for i in range(int(sys.argv[2])):\n"
+              "    s = socket.create_connection((sys.argv[1], 8080 + i), timeout=10)\n"
+              "    s.sendall(b'hello'); s.close()\n")
+    done = proc.run([sys.executable, "-c", script, pods.ip["b"], str(count)], netns=pods.path("a"),
+                    cgroup=node["cgroup"], uid=APP_UID, gid=APP_UID)
+    assert done.returncode == 0, done.stderr
+    # The proxy's kernel side ACKs the app's FIN late (delayed ACK in CLOSE_WAIT); wait until every app socket
+    # has left FIN_WAIT1, i.e. is a timewait sock and the app's full socket is closed.
+    _wait_until(lambda: not _app_sockets_in(pods.ns["a"], "fin-wait-1"), "the app's FINs were never acknowledged")
+
+    acceptor.stdin.write(f"accept {count}\n".encode())
+    acceptor.stdin.flush()
+    got = json.loads(acceptor.stdout.readline())
+    assert [c["original_dst"] for c in got] == [{"ip": pods.ip["b"], "port": 8080 + i} for i in range(count)]
+    assert node["dp"].counters(pods.podnet("a"))["outbound_captured"] == count
+    # every record moved on into its accepted socket's storage: none is left under a tuple
+    assert node["dp"].map_entries("mcni_pair_origdst_v1") == records_before
+
+
+def _app_sockets_in(netns_name: str, state: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "exec", netns_name, "ss", "-Htn", "state", state],
+                         capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def _wait_until(ready, what: str, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.05)
