@@ -27,7 +27,7 @@ from meshcni.lab.state import LabState
 # Counters of a `show stat` row that move when traffic passes a proxy section (sessions, HTTP requests), and
 # the ones that say why a request failed there (5xx answers, failed connects, failed responses).
 MOVING_FIELDS = ("stot", "req_tot")
-ERROR_FIELDS = ("hrsp_4xx", "hrsp_5xx", "econ", "eresp", "ereq")
+ERROR_FIELDS = ("hrsp_4xx", "hrsp_5xx", "econ", "eresp", "ereq", "dcon")
 
 
 class CaptureNotVerified(RuntimeError):
@@ -150,13 +150,20 @@ def shut_fallback_sessions(state: LabState, path: ProxyPath) -> None:
 
 
 def misrouted(path: ProxyPath, moved: dict) -> int:
-    """Sessions that reached the path's capture listener but its raw-TCP fallback backend."""
-    return sum(
+    """Captured connections whose original destination the proxy could not learn: sessions that reached the
+    path's capture listener but its raw-TCP fallback backend, plus connections a capture listener refused
+    (`dcon`: a sidecar that guards against forwarding to its own port rejects them instead)."""
+    to_fallback = sum(
         counts.get("stot", 0)
         for pod, sections in moved.items()
         for section, counts in sections.items()
         if section.endswith("/BACKEND") and section.split("/")[0] in path.fallback_sections.get(pod, frozenset())
     )
+    refused = sum(
+        moved.get(pod, {}).get(f"{listener}/FRONTEND", {}).get("dcon", 0)
+        for pod, listener in path.listeners.items() if path.fallback_sections.get(pod)
+    )
+    return to_fallback + refused
 
 
 def require(problems: list[str], what: str, moved: dict) -> None:

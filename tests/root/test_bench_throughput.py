@@ -141,6 +141,13 @@ def test_lost_original_destination_is_counted_not_fatal():
     assert _evidence.misrouted(_captured_path(), _moved(1000, 1000)) == 0
 
 
+def test_connections_a_guarded_capture_listener_refused_count_as_misrouted():
+    moved = _moved(1000, 1000)
+    moved["a"]["outbound/FRONTEND"]["dcon"] = 7  # `tcp-request connection reject if { dst_port 15001 }`
+    assert _evidence.check_proxies(_captured_path(), moved, requests=1000, slack=8) == []
+    assert _evidence.misrouted(_captured_path(), moved) == 7
+
+
 def test_error_counters_alone_do_not_count_as_traffic_off_the_path():
     moved = _moved(1000, 1000)
     moved["b"]["explicit_http_in/BACKEND"] = {"eresp": 2}
