@@ -41,6 +41,7 @@ class Bench:
     pin_dir: str  # where the eBPF mode pins its programs and maps while it is active
     iptables: IptablesInterceptor = field(default_factory=IptablesInterceptor)
     datapath: EbpfDatapath | None = None  # open only while the eBPF mode is active
+    splice: bool = True  # the eBPF mode's sk_msg splicing of proxy <-> proxy pairs (the datapath's default)
 
 
 def capture_leftovers(b: Bench, *, ebpf: bool = True, iptables: bool = True) -> list[str]:
@@ -131,6 +132,7 @@ class Ebpf(Mode):
         t0 = time.monotonic()
         b.datapath = EbpfDatapath.load(pin_dir=b.pin_dir, cgroup=st.cgroup)
         load_s = time.monotonic() - t0
+        b.datapath.splice = b.splice  # read when a pod is enrolled, so set before capture
         for pod in st.pods:
             pod.captured = True
             st.save()

@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated subset of keep-alive,close (close = one connection per request)")
     p.add_argument("--path", default="/", help="HTTP path requested from nginx (default /, a ~40-byte answer; "
                                               "/bytes/65536 for 64 KiB)")
+    p.add_argument("--splice", choices=("on", "off"), default="on",
+                   help="eBPF mode: sk_msg splicing of proxy<->proxy pairs (default on, the datapath's default)")
     p.add_argument("--output", type=Path, help="JSON report path (default bench/results/throughput-<UTC time>.json)")
     p.add_argument("--name", default=f"bench-{os.getpid()}", help="lab name (default bench-<pid>)")
     args = p.parse_args(argv)
@@ -268,7 +270,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
             "when": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": args.command_line,
             "config": {k: getattr(args, k) for k in ("rounds", "duration", "warmup", "connections", "threads",
-                                                     "pods", "modes", "profiles", "path")},
+                                                     "pods", "modes", "profiles", "path", "splice")},
             "code": code_facts(bpf_original, bpf_sha),
             "host": host_facts(wrk),
         }
@@ -277,7 +279,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         state = lab_core.up(lab_core.LabOptions(name=args.name, pods=args.pods, capture=False))
         try:
             bench = _modes.Bench(state=state, src=state.pods[0], dst=state.pods[1],
-                                 pin_dir=str(LabNames(args.name).bpf_pin_dir))
+                                 pin_dir=str(LabNames(args.name).bpf_pin_dir), splice=args.splice == "on")
             report["lab"] = {"name": state.name, "subnet": state.subnet,
                              "src": {"pod": bench.src.name, "ip": bench.src.ip},
                              "dst": {"pod": bench.dst.name, "ip": bench.dst.ip}}

@@ -41,8 +41,12 @@ int mcni_redir(struct sk_msg_md *msg)
 	} else {
 		__u32 *slot = mcni_pods_v1.lookup(&netns);
 		if (slot) {
-			mcni_count(*slot, MCNI_CTR_MSGS_SPLICED, 1);
-			mcni_count(*slot, MCNI_CTR_BYTES_SPLICED, msg->size);
+			/* one counters lookup for both (this runs for every message) */
+			struct mcni_counters *c = mcni_counters_v1.lookup(slot);
+			if (c) {
+				c->v[MCNI_CTR_MSGS_SPLICED] += 1;
+				c->v[MCNI_CTR_BYTES_SPLICED] += msg->size;
+			}
 		}
 	}
 	return SK_PASS;
