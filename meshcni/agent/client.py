@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from meshcni.api import fork_safe  # noqa: F401 - before grpc is imported
+
 import grpc
 from google.protobuf.json_format import MessageToDict
 

@@ -14,6 +14,8 @@ from concurrent import futures
 from pathlib import Path
 from typing import Callable
 
+from meshcni.api import fork_safe  # noqa: F401 - before grpc is imported
+
 import grpc
 
 from meshcni import __version__

@@ -94,18 +94,18 @@ def _judge(data: bytes, expect: bytes | None, need_length: bool = False) -> str 
     parts = lines[0].split(b" ")
     if len(parts) < 2 or parts[1] != b"200":
         return "status"
-    headers = {}
+    headers: dict[bytes, list[bytes]] = {}  # a header may repeat: every proxy on the path adds its own
     for line in lines[1:]:
         k, _, v = line.partition(b":")
-        headers[k.strip().lower()] = v.strip()
-    length = headers.get(b"content-length")
+        headers.setdefault(k.strip().lower(), []).append(v.strip())
+    length = headers.get(b"content-length", [None])[-1]
     if length is None and need_length:
         return "reset"  # no length and no clean EOF: whether it is complete cannot be told
     if length is not None and len(body) < int(length):
         return "reset"  # cut off mid-body
     if expect is not None:
         name, _, value = expect.partition(b"=")
-        if headers.get(name) != value:
+        if value not in headers.get(name, []):
             return "unproxied"
     return None
 

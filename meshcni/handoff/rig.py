@@ -1,11 +1,13 @@
-"""A lab pod whose sidecar runs on agent-held listeners, plus a load from its peer: what the hot-upgrade root
-tests and bench/hotupgrade.py share, and a worked example of the few lines an agent needs.
+"""A two-pod lab run by its own agent, with a connection-per-request load from pod a through both sidecars to
+pod b's app: what the hot-upgrade root tests and bench/hotupgrade.py share.
 
-`HotUpgradeRig` brings up a two-pod lab without the lab's own capture, replaces pod b's lab HAProxy with one
-started through `meshcni proxy-exec` (proxy="handoff"), or one that binds its own listeners ("own"), and
-captures pod b with the eBPF datapath (SOCKMAP entry = the held inbound listener) or with iptables. Pod a runs
-the connection-per-request load against b's app port, so every request crosses b's proxy. The capture state
-is written into the lab state, so `lab down` (always run on exit) releases and unloads it too.
+`HotUpgradeRig` brings the lab up with the agent's capture in `capture` mode (ebpf or iptables) and, with
+proxy="handoff", the agent holding every sidecar's listeners (HAProxy runs through `meshcni proxy-exec`);
+with proxy="own", HAProxy binds its own and the agent adopts them. Upgrades of pod b's proxy go through the
+agent's API — exactly what `meshcni proxy upgrade lab/b` does — so the tests exercise the product, not a
+copy of it. The load (meshcni.handoff.load) runs as the app in pod a: app -> a's outbound proxy -> b's
+inbound proxy -> b's nginx, and a response must carry b's proxy header to count as served.
+`lab down` on exit removes everything, including proxies started by upgrades (they live in the lab cgroup).
 """
 
 from __future__ import annotations
@@ -15,16 +17,16 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
+import time
 
-from meshcni.config import Mode, PROXY_GID, PROXY_UID
-from meshcni.handoff.listeners import PodListeners
-from meshcni.handoff.server import HandoffServer, adopt_from_pid
-from meshcni.handoff.upgrade import ProxyLauncher, UpgradeStats, enable_request_migration, haproxy_pid, wait_ready
+from meshcni.agent.client import AgentClient
+from meshcni.config import PROXY_GID, PROXY_UID
+from meshcni.handoff.upgrade import ProxyLauncher, haproxy_pid, wait_exit, wait_ready
+from meshcni.lab import agent as lab_agent
 from meshcni.lab import haproxy
 from meshcni.lab import lab as lab_core
 from meshcni.lab import pod as podproc
-from meshcni.lab.state import LabError, LabNames
+from meshcni.lab.state import LAB_NAMESPACE, LabError
 from meshcni.sys import proc
 
 APP_PORT = 80
@@ -34,15 +36,12 @@ class HotUpgradeRig:
     def __init__(self, name: str, proxy: str = "handoff", capture: str = "ebpf", master_worker: bool = False):
         if proxy not in ("handoff", "own") or capture not in ("ebpf", "iptables"):
             raise ValueError(f"unknown rig proxy={proxy!r} capture={capture!r}")
+        if master_worker and proxy != "own":
+            raise ValueError("HAProxy's master-worker reload binds its own listeners: use proxy='own'")
         self.name, self.proxy_mode, self.capture_mode, self.master_worker = name, proxy, capture, master_worker
         self.state = None
-        self.listeners: PodListeners | None = None
-        self.server: HandoffServer | None = None
-        self.dp = None
-        self.slot: int | None = None
-        self.current: subprocess.Popen | None = None
-        self.stats = UpgradeStats()
-        self.events: list[tuple[str, dict]] = []
+        self.client: AgentClient | None = None
+        self.master: subprocess.Popen | None = None
 
     # --- life cycle ---------------------------------------------------------------------------------------
 
@@ -58,99 +57,71 @@ class HotUpgradeRig:
         self.close()
 
     def _up(self) -> None:
+        opts = lab_core.LabOptions(name=self.name, pods=2, agent_mode=self.capture_mode,
+                                   hold_listeners=self.proxy_mode == "handoff")
         try:
-            self.state = lab_core.up(lab_core.LabOptions(name=self.name, pods=2, capture=False))
+            self.state = lab_core.up(opts)
         except LabError:
             lab_core.down(self.name)
             raise
-        a, b = self.state.pods
-        self.client_pod, self.pod = a, b
-        proc.stop(b.processes["haproxy"])  # the lab's sidecar binds 15001/15006 itself; ours replaces it
-        # A threaded process looks gone (main thread a zombie) while its other threads still hold the sockets.
-        _wait_ports_free(b.processes["nginx"].pid, {haproxy.OUTBOUND_PORT, haproxy.INBOUND_PORT})
-        d = podproc.pod_dir(self.state, b)
-        cfg = d / ("haproxy-fd.cfg" if self.proxy_mode == "handoff" else "haproxy.cfg")
-        spec = haproxy.ProxySpec(pod=b.name, peer_ip=a.ip, http_ports=tuple(self.state.proxy_http_ports),
-                                 socket_path=podproc.proxy_socket(self.state, b),
-                                 listen_fds=self.proxy_mode == "handoff")
-        cfg.write_text(haproxy.render(spec), encoding="utf-8")
-        os.chmod(cfg, 0o644)
-        self.podnet = lab_core.pod_net(b)
-        handoff_socket = None
-        if self.proxy_mode == "handoff":
-            # --- the agent's part: hold the listeners, serve them ---
-            self.listeners = PodListeners.for_pod(self.podnet)
-            handoff_socket = str(d / "handoff.sock")
-            self.server = HandoffServer(handoff_socket, self.listeners, PROXY_UID,
-                                        on_event=lambda k, i: self.events.append((k, i)), pod_netns=b.netns)
-        argv = [haproxy.HAPROXY_BIN, "-W" if self.master_worker else "-db", "-f", str(cfg)]
+        self.client_pod, self.pod = self.state.pods
+        self.key = f"{LAB_NAMESPACE}/{self.pod.name}"
+        self.stats_socket = str(podproc.proxy_socket(self.state, self.pod))
+        self.client = AgentClient(str(lab_agent.paths(self.state)["socket"]))
         if self.master_worker:
-            argv.insert(2, "-db")
-        self.launcher = ProxyLauncher(argv=argv, netns=b.netns, handoff_socket=handoff_socket,
-                                      stats_socket=str(spec.socket_path), uid=PROXY_UID, gid=PROXY_GID,
-                                      cgroup=self.state.cgroup, log=str(d / "haproxy-upgrades.log"))
-        if self.proxy_mode == "own":
-            enable_request_migration(b.netns)  # the agent's part for self-binding proxies (see adopt)
-        self.current = self.launcher.start()
-        if self.master_worker:
-            _wait_answer(self.launcher.stats_socket)  # `show info` reports the worker's pid, not the master's
-        else:
-            wait_ready(self.launcher, self.current, 15.0)
-        self._capture()
-
-    def _capture(self) -> None:
-        if self.capture_mode == "iptables":
-            from meshcni.datapath.iptables import IptablesInterceptor
-
-            self.podnet = _with_mode(self.podnet, Mode.IPTABLES)
-            self.pod.captured = True  # lab down releases captured pods through the eBPF datapath only
-            IptablesInterceptor().capture(self.podnet)
-            self._iptables = True
-            return
-        from meshcni.datapath.ebpf import EbpfDatapath
-
-        self.state.bpf_pin_dir = str(LabNames(self.name).bpf_pin_dir)
-        self.state.save()
-        self.dp = EbpfDatapath.load(pin_dir=self.state.bpf_pin_dir, cgroup=self.state.cgroup)
-        self.pod.captured = True
-        self.state.save()
-        fds = self.listeners.inbound_fds() if self.listeners else None  # the agent's sockets, or the proxy's own
-        self.slot = self.dp.capture(self.podnet, listener_fds=fds)
-
-    def swap_listener(self, fds: dict[int, int]) -> None:
-        self.dp.register_listener(self.slot, self.podnet, fds)
-
-    def register_own_listener(self, pid: int) -> None:
-        fds = adopt_from_pid(pid, self.podnet.config.inbound_port)
-        try:
-            self.swap_listener(fds)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+            self._start_master_worker()
 
     def close(self) -> None:
-        if getattr(self, "_iptables", False):
-            from meshcni.datapath.iptables import IptablesInterceptor
-
-            try:
-                IptablesInterceptor().release(self.podnet)
-            except Exception:  # noqa: BLE001 - the netns goes away with the lab right after
-                pass
-            self.pod.captured = False
-        if self.dp is not None:
-            self.dp.close()
-            self.dp = None
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
         if self.state is not None:
-            lab_core.down(self.name)  # kills every process in the lab cgroup, releases capture, unloads BPF
+            lab_core.down(self.name)  # stops the agent, kills every process in the lab cgroup, unloads BPF
             self.state = None
-        if self.listeners is not None:
-            self.listeners.close()
-            self.listeners = None
+        if self.master is not None:
+            self.master.wait(timeout=10)  # killed with the lab cgroup; reap it
+            self.master = None
 
-    # --- load ---------------------------------------------------------------------------------------------
+    # --- what a test or the bench does -------------------------------------------------------------------
+
+    def upgrade(self, kind: str = "graceful") -> dict:
+        """`meshcni proxy upgrade lab/b [--kill|--adopt]` through the agent; returns its reply."""
+        return self.client.upgrade_proxy(self.key, kind, ready_socket=self.stats_socket)
+
+    def proxy_status(self) -> dict:
+        return self.client.proxy_status(self.key)
+
+    def counters(self) -> dict[str, int]:
+        return self.client.counters(self.key)[0]["counters"]
+
+    def current_pid(self) -> int | None:
+        return haproxy_pid(self.stats_socket)
+
+    def naive_restart(self) -> dict:
+        """Kill the proxy and start it again, nothing held or handed over: the baseline hot upgrades beat."""
+        started = time.monotonic()
+        pid = self.current_pid()
+        if pid is None:
+            raise LabError(f"no HAProxy answers on {self.stats_socket}")
+        os.kill(pid, signal.SIGKILL)
+        wait_exit(pid, 5.0)
+        launcher = self._launcher([haproxy.HAPROXY_BIN, "-db", "-f", str(self._config())])
+        wait_ready(launcher, launcher.start(), 15.0)
+        return {"seconds": time.monotonic() - started}
+
+    def master_worker_reload(self) -> dict:
+        """HAProxy's own reload: SIGUSR2 to the master, which starts new workers binding new sockets."""
+        started = time.monotonic()
+        old_worker = self.current_pid()
+        os.kill(self.master.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 15
+        while (worker := self.current_pid()) in (None, old_worker):
+            if time.monotonic() > deadline:
+                raise LabError("HAProxy's new worker did not answer after a reload")
+            time.sleep(0.005)
+        if old_worker is not None:
+            wait_exit(old_worker, 30.0)  # the master refuses a reload while the former worker still runs
+        return {"seconds": time.monotonic() - started, "worker": worker}
 
     def start_load(self, concurrency: int = 2) -> "LoadRun":
         p = proc.spawn([sys.executable, "-m", "meshcni.handoff.load", self.pod.ip, str(APP_PORT),
@@ -159,6 +130,43 @@ class HotUpgradeRig:
                        netns=self.client_pod.netns, cgroup=self.state.cgroup, uid=podproc.APP_UID,
                        gid=podproc.APP_GID, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
         return LoadRun(p)
+
+    def client_retries(self) -> int:
+        """Requests pod a's outbound proxy sent again after its upstream failed (HAProxy `wretr`)."""
+        rows = haproxy.parse_show_stat(haproxy.command(podproc.proxy_socket(self.state, self.client_pod),
+                                                       "show stat"))
+        return sum(int(r.get("wretr") or 0) for r in rows if r.get("svname") == "BACKEND")
+
+    # --- internals ----------------------------------------------------------------------------------------
+
+    def _config(self):
+        return podproc.pod_dir(self.state, self.pod) / "haproxy.cfg"
+
+    def _launcher(self, argv: list[str]) -> ProxyLauncher:
+        return ProxyLauncher(argv=argv, netns=self.pod.netns, stats_socket=self.stats_socket, uid=PROXY_UID,
+                             gid=PROXY_GID, cgroup=self.state.cgroup,
+                             log=str(podproc.pod_dir(self.state, self.pod) / "haproxy-rig.log"))
+
+    def _start_master_worker(self) -> None:
+        old = self.current_pid()
+        proc.stop(self.pod.processes["haproxy"])
+        if old is not None:
+            wait_exit(old, 10.0)
+        launcher = self._launcher([haproxy.HAPROXY_BIN, "-W", "-db", "-f", str(self._config())])
+        self.master = launcher.start()
+        deadline = time.monotonic() + 15
+        while self.current_pid() is None:  # `show info` reports the worker's pid, not the master's
+            if self.master.poll() is not None or time.monotonic() > deadline:
+                raise LabError("HAProxy in master-worker mode did not start")
+            time.sleep(0.01)
+        self.wait_listener_registered()
+
+    def wait_listener_registered(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.client.get_pod(self.key)["listener"] != "registered":
+            if time.monotonic() > deadline:
+                raise LabError(f"the agent did not register pod {self.pod.name}'s proxy listener")
+            time.sleep(0.02)
 
 
 class LoadRun:
@@ -183,29 +191,3 @@ class LoadRun:
         if self.p.poll() is None:
             self.p.kill()
             self.p.communicate()
-
-
-def _wait_ports_free(pid_in_netns: int, ports: set[int], timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while {p for _, p in proc.listening_ports(pid_in_netns)} & ports:
-        if time.monotonic() > deadline:
-            raise LabError(f"ports {sorted(ports)} are still in use in the pod after its sidecar stopped")
-        time.sleep(0.01)
-
-
-def _wait_answer(stats_socket: str, timeout: float = 15.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while haproxy_pid(stats_socket) is None:
-        if time.monotonic() > deadline:
-            raise LabError(f"HAProxy did not answer on {stats_socket}")
-        time.sleep(0.01)
-
-
-def _with_mode(podnet, mode: Mode):
-    from dataclasses import replace
-
-    return replace(podnet, config=podnet.config.with_mode(mode))
