@@ -4,4 +4,4 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
-exec "$ROOT/.venv/bin/meshcni" lab demo "$@"
+exec "$ROOT/.venv/bin/meshcni" lab demo --hold-listeners "$@"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from meshcni.lab import haproxy, traffic
 from meshcni.lab import lab as lab_core
 from meshcni.lab.payload import digest, payload
-from meshcni.lab.state import LabError, LabState, PodState
+from meshcni.lab.state import LAB_NAMESPACE, LabError, LabState, PodState
 
 BULK_BYTES = 1 << 20
 
@@ -46,6 +46,8 @@ def exercise(state: LabState) -> dict:
         _bulk_get(state, a, b),
         _echo(state, a, b, b.ip, haproxy.ECHO_PORT),
     ]
+    if state.hold_listeners:
+        checks.append(_hot_upgrades(state, a, b))
     stats = traffic.proxy_stats(state)
     counters = traffic.capture_counters(state)
     return {
@@ -152,6 +154,51 @@ def _echo(state: LabState, src: PodState, dst: PodState, host: str, port: int) -
     }
 
 
+def _hot_upgrades(state: LabState, src: PodState, dst: PodState, graceful: int = 3, kills: int = 2) -> dict:
+    """Replace dst's sidecar through the agent (`meshcni proxy upgrade`) under a connection-per-request load
+    from src: every request must still be answered by dst through both proxies."""
+    import time
+
+    from meshcni.agent.client import AgentClient
+    from meshcni.lab import agent as lab_agent
+    from meshcni.lab import pod as podproc
+    from meshcni.sys import proc
+
+    load = traffic.BackgroundLoad(state, src, dst.ip, 80)
+    replies, problems = [], []
+    try:
+        with AgentClient(str(lab_agent.paths(state)["socket"])) as client:
+            time.sleep(0.5)
+            for kind in ["graceful"] * graceful + ["crash"] * kills:
+                replies.append(client.upgrade_proxy(f"{LAB_NAMESPACE}/{dst.name}", kind,
+                                                    ready_socket=str(podproc.proxy_socket(state, dst))))
+                time.sleep(0.5)
+        report = load.stop()
+    finally:
+        load.kill()
+    if replies:  # the lab's record of the sidecar follows the generation now serving
+        dst.processes["haproxy"] = proc.ref(replies[-1]["new_pid"])
+        state.save()
+    want = ",".join(_captured_path(state, src, dst))
+    if report["failed"]:
+        problems.append(f"{report['failed']} of {report['ok'] + report['failed']} requests failed: {report['errors']}")
+    stray = {k: v for k, v in report["via"].items() if k != want}
+    if stray:
+        problems.append(f"requests not through both proxies: {stray}")
+    return {
+        "name": f"{src.name} -> {dst.name} load while {dst.name}'s proxy is replaced {graceful}x gracefully "
+                f"and {kills}x by SIGKILL (meshcni proxy upgrade)",
+        "from": src.name,
+        "to": dst.name,
+        "requests": report["ok"] + report["failed"],
+        "failed": report["failed"],
+        "upgrades": [f"{r['kind']} {r['old_pid']}->{r['new_pid']}" for r in replies],
+        "proxies": want.split(",") if report["ok"] else [],
+        "problems": problems,
+        "ok": not problems,
+    }
+
+
 def _delta(before: dict, after: dict, pod: str, frontend: str) -> int | None:
     try:
         return after[pod]["frontends"][frontend] - before[pod]["frontends"][frontend]
@@ -205,6 +252,9 @@ def render_demo(d: dict) -> str:
             lines.append(f"         answer: {c['body']}")
         if "bytes" in c:
             lines.append(f"         bytes:  {c['bytes']}")
+        if "requests" in c:
+            lines.append(f"         requests: {c['requests']}, failed: {c['failed']}; upgrades: "
+                         f"{', '.join(c['upgrades'])}")
         if "proxies" in c:
             lines.append(f"         proxies: {', '.join(c['proxies']) or 'none'}")
         for p in c["problems"]:
