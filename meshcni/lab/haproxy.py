@@ -87,6 +87,9 @@ defaults
 frontend outbound
     {outbound_bind}
     mode tcp
+    # A destination equal to this listener's own port means the original destination is unknown (or an app
+    # dialled the capture port itself): forwarding would connect the proxy to itself, again and again.
+    tcp-request connection reject if {{ dst_port {OUTBOUND_PORT} }}
 {route('outbound')}    default_backend outbound_tcp
 
 backend outbound_http
@@ -101,6 +104,8 @@ backend outbound_tcp
 frontend inbound
     {inbound_bind}
     mode tcp
+    # a connection addressed to the inbound capture port itself would be forwarded back to this listener
+    tcp-request connection reject if {{ dst_port {INBOUND_PORT} }}
 {route('inbound')}    default_backend inbound_tcp
 
 backend inbound_http
