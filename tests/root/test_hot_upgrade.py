@@ -164,3 +164,69 @@ def test_iptables_mode_hands_over_the_same_listeners(held_iptables):
     status = rig.proxy_status()
     assert status["handoffs"] == 1 + 8
     assert status["upgrades"]["graceful"] == 5 and status["upgrades"]["crash_restarts"] == 3
+
+
+# A blocking app in pod a streams 40 x 16 KiB through both proxies to pod b's echo server, pausing between
+# chunks, and checks every byte that comes back.
+_SLOW_ECHO = """
+import hashlib, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+print("connected", flush=True)
+sent = got = 0
+out, back = hashlib.sha256(), hashlib.sha256()
+for i in range(40):
+    chunk = hashlib.sha256(str(i).encode()).digest() * 512
+    s.sendall(chunk)
+    out.update(chunk)
+    sent += len(chunk)
+    while got < sent:
+        data = s.recv(65536)
+        if not data:
+            raise SystemExit(f"eof after {got} of {sent} bytes")
+        back.update(data)
+        got += len(data)
+    time.sleep(0.1)
+s.close()
+print(sent, got, out.hexdigest() == back.hexdigest(), flush=True)
+"""
+
+
+def test_a_spliced_connection_to_the_old_proxy_finishes_and_leaves_the_sockhash(held):
+    import subprocess
+    import time
+
+    from meshcni.datapath.ebpf import EbpfDatapath
+    from meshcni.lab import haproxy
+
+    dp = EbpfDatapath.open(held.state.bpf_pin_dir)
+    try:
+        def entries() -> int:
+            return dp.map_entries("mcni_socks_v1")
+
+        baseline = entries()
+        client = proc.spawn([sys.executable, "-c", _SLOW_ECHO, held.pod.ip, str(haproxy.ECHO_PORT)],
+                            netns=held.client_pod.netns, cgroup=held.state.cgroup, uid=podproc.APP_UID,
+                            gid=podproc.APP_GID, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+        try:
+            assert client.stdout.readline().strip() == b"connected"
+            deadline = time.monotonic() + 10
+            while entries() < baseline + 2 and time.monotonic() < deadline:  # both proxies' ends, spliced
+                time.sleep(0.02)
+            during = entries()
+            result = held.upgrade("graceful")  # returns once the old proxy drained, i.e. the stream ended
+            out, err = client.communicate(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.communicate()
+        assert during >= baseline + 2
+        assert client.returncode == 0, err
+        sent, got, same = out.split()
+        assert int(sent) == int(got) == 40 * 16384 and same == b"True"
+        assert result["old_exited"] is True
+        deadline = time.monotonic() + 10
+        while entries() > baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert entries() <= baseline  # the closed sockets left the map: back to the idle count
+    finally:
+        dp.close()
