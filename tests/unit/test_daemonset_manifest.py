@@ -27,7 +27,8 @@ MANIFEST = ROOT / "daemonset" / "meshcni.yaml"
 DOCKERFILE = ROOT / "daemonset" / "Dockerfile"
 
 AGENT_FLAGS = {"--kube", "--node-name", "--kubeconfig", "--metrics-address", "--bpf-dir", "--cgroup",
-               "--state-dir", "--socket", "--cni-socket", "--pending-dir", "--mode", "--log-level"}
+               "--state-dir", "--socket", "--cni-socket", "--pending-dir", "--mode", "--log-level",
+               "--handoff-dir", "--hold-listeners"}
 # host path → (hostPath type, mount propagation or None, container that mounts it)
 EXPECTED_HOST_PATHS = {
     "/opt/cni/bin": ("DirectoryOrCreate", None, "install-cni"),
