@@ -38,6 +38,9 @@ def _up_options(f: Callable) -> Callable:
         ),
         click.option("--mode", "agent_mode", type=click.Choice(["ebpf", "iptables", "off"]), default="ebpf",
                      show_default=True, help="The lab agent's node mode."),
+        click.option("--hold-listeners/--no-hold-listeners", default=False, show_default=True,
+                     help="The agent creates and holds each sidecar's listeners and HAProxy fetches them with "
+                          "`meshcni proxy-exec` (what `meshcni proxy upgrade` needs)."),
         click.option(
             "--proxy-http-ports",
             default="80,8080",
@@ -60,8 +63,8 @@ def _up_options(f: Callable) -> Callable:
     return f
 
 
-def _options(name, state_dir, pods, capture, agent, agent_mode, proxy_http_ports, cni_path, chain_plugins,
-             ready_timeout):
+def _options(name, state_dir, pods, capture, agent, agent_mode, hold_listeners, proxy_http_ports, cni_path,
+             chain_plugins, ready_timeout):
     return lab_core.LabOptions(
         name=name,
         pods=pods,
@@ -69,6 +72,7 @@ def _options(name, state_dir, pods, capture, agent, agent_mode, proxy_http_ports
         capture=capture,
         agent=agent,
         agent_mode=agent_mode,
+        hold_listeners=hold_listeners,
         proxy_http_ports=_ports(proxy_http_ports),
         cni_path=tuple(p for p in cni_path.split(":") if p),
         chain_plugins=tuple(_plugin(p) for p in chain_plugins),
