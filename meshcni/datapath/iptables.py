@@ -9,6 +9,23 @@ valid restore input. DNS capture, TPROXY and interface exclusions, which meshcni
 out. `capture` applies one `iptables-restore --noflush` transaction that (re)declares our four chains —
 which empties them if they exist — drops any earlier jumps into them and appends the rules, so capturing
 twice changes nothing; `release` deletes exactly our jumps and chains and leaves every other rule alone.
+
+Conntrack, which REDIRECT depends on, needs care when a pod switches live between this backend and eBPF.
+A netns's conntrack only tracks while some rule in it needs conntrack, and Istio's REDIRECT rules are the
+only such rules a pod has, so removing them (a switch to eBPF) silently stops tracking: the entries of the
+connections open at that moment are frozen — an ESTABLISHED one for five days — and a later connection of
+the same 4-tuple (ports come round again within seconds under connection-per-request load, and the app's
+and the proxy's connections to one destination share them) matches the frozen entry when iptables
+captures again, so its SYN never reaches the nat rules: it bypasses the proxy, or inherits another
+connection's REDIRECT. Redirected connections still open also lose their translation the moment tracking
+stops. So capture also adds MESHCNI_CONNTRACK, a chain nothing jumps to whose one rule matches on
+conntrack state, which keeps tracking on in the pod netns in the other modes too, and `release` leaves it
+for as long as the netns has conntrack entries (it goes once the netns is idle, since then nothing can be
+frozen or lose its translation). Before tracking starts, capture also sets the netns's
+`nf_conntrack_tcp_loose` to 0: connections made under eBPF before tracking began must not be adopted
+mid-stream, because the nat rules apply to the first packet conntrack sees of a connection (a REDIRECT of
+an established connection's segment only earns a reset), and an entry adopted from the pod's own ACK faces
+the wrong way, so the next SYN of that 4-tuple is invalid to conntrack and passes untranslated.
 """
 
 from __future__ import annotations
@@ -31,6 +48,10 @@ IN_REDIRECT = "ISTIO_IN_REDIRECT"
 OUTPUT = "ISTIO_OUTPUT"
 # Declaration order of istio-iptables.
 OUR_CHAINS = (INBOUND, REDIRECT, IN_REDIRECT, OUTPUT)
+# Keeps the pod netns's conntrack tracking in every mode once iptables has captured it (module docstring).
+CONNTRACK_CHAIN = "MESHCNI_CONNTRACK"
+# The match is what takes the netns's conntrack reference; the rule is never reached (no jump to its chain).
+CONNTRACK_HOLD_SPEC = "-m conntrack --ctstate INVALID -j RETURN"
 # Istio's HBONE port: always the first RETURN of ISTIO_INBOUND, and never sent back inbound from the proxy.
 TUNNEL_PORT = 15008
 
@@ -260,6 +281,20 @@ def release_document(live: Table) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def conntrack_hold_document(live: Table) -> str | None:
+    """The transaction that adds the conntrack hold chain to `live`; None when it is already there as it must be."""
+    if live.chain_rules(CONNTRACK_CHAIN) == [CONNTRACK_HOLD_SPEC]:
+        return None
+    return _document([Rule(CONNTRACK_CHAIN, CONNTRACK_HOLD_SPEC)], chains=(CONNTRACK_CHAIN,))
+
+
+def conntrack_release_document(live: Table) -> str | None:
+    """The transaction that removes the conntrack hold chain; None when `live` has none."""
+    if CONNTRACK_CHAIN not in live.chains:
+        return None
+    return f"*{TABLE}\n-F {CONNTRACK_CHAIN}\n-X {CONNTRACK_CHAIN}\nCOMMIT\n"
+
+
 def diff_rules(config: PodConfig, family: Family | int, live: Table, directions=BOTH) -> list[str]:
     """What is wrong with `live` compared with the rendered rules, one sentence per problem."""
     family = Family(family)
@@ -342,12 +377,14 @@ class IptablesInterceptor:
         """Capture `directions` of the pod (both by default); another backend may own the other one."""
         check_netns(pod.netns)
         wanted = wanted_families(pod)
+        live = {family: ipt.save(pod.netns, family, self.backend, TABLE) for family in wanted}
+        if directions and pod.config.mode is not Mode.OFF:
+            self._hold_conntrack(pod, live)
         for family in Family:
             if family in wanted:
                 if family is Family.IPV6:
                     self._add_ipv6_passthrough_address(pod)
-                live = ipt.save(pod.netns, family, self.backend, TABLE)
-                document = capture_document(pod.config, family, live, directions)
+                document = capture_document(pod.config, family, live[family], directions)
                 if document:
                     ipt.restore(pod.netns, family, self.backend, document)
             elif ipt.family_available(family):
@@ -355,13 +392,22 @@ class IptablesInterceptor:
                 self._release_family(pod, family)
 
     def release(self, pod: PodNet) -> None:
+        """Remove our chains and jumps. The conntrack hold stays while the netns has conntrack entries, so the
+        connections the rules redirected keep their translation until they end and no entry is frozen."""
         try:
             check_netns(pod.netns)
         except NamespaceNotFound:
             return  # the rules died with the namespace
-        for family in Family:
-            if ipt.family_available(family):
-                self._release_family(pod, family)
+        families = [family for family in Family if ipt.family_available(family)]
+        for family in families:
+            self._release_family(pod, family)
+        if ipt.conntrack_count(pod.netns) == 0:
+            # Nothing is tracked, so nothing can be frozen: conntrack may stop with the hold (the next capture
+            # adds it again before any REDIRECT rule).
+            for family in families:
+                document = conntrack_release_document(ipt.save(pod.netns, family, self.backend, TABLE))
+                if document:
+                    ipt.restore(pod.netns, family, self.backend, document)
 
     def verify(self, pod: PodNet, directions=BOTH) -> list[str]:
         try:
@@ -376,7 +422,32 @@ class IptablesInterceptor:
             live = ipt.save(pod.netns, family, self.backend, TABLE)
             config = pod.config if family in wanted else pod.config.with_mode(Mode.OFF)
             problems += diff_rules(config, family, live, directions)
+            if family in wanted and build_rules(config, family, directions) and conntrack_hold_document(live):
+                problems.append(f"{family.label} {TABLE}: chain {CONNTRACK_CHAIN} (conntrack kept on across "
+                                f"mode switches) is missing or altered")
+        if directions and pod.config.mode is not Mode.OFF and ipt.conntrack_tcp_loose(pod.netns) is not False:
+            problems.append("nf_conntrack_tcp_loose is not 0 in the pod netns: a switch from eBPF would "
+                            "redirect connections conntrack adopts mid-stream")
         return problems
+
+    def _hold_conntrack(self, pod: PodNet, live: dict[Family, Table]) -> None:
+        """Keep conntrack tracking in the pod netns from now on, without adopting connections mid-stream.
+
+        Runs before any REDIRECT rule exists, and sets the sysctl before the hold starts tracking: an
+        adopted connection's entry can even face the wrong way (made from the pod's own ACK), and a later
+        SYN of the same 4-tuple then counts as invalid and passes untranslated. The sysctl only exists once
+        nf_conntrack is loaded, which on a node that never used conntrack is the hold's own doing: then it
+        is set right after.
+        """
+        loose = ipt.conntrack_tcp_loose(pod.netns)
+        if loose:
+            ipt.set_conntrack_tcp_loose(pod.netns, False)
+        for family, table in live.items():
+            document = conntrack_hold_document(table)
+            if document:
+                ipt.restore(pod.netns, family, self.backend, document)
+        if loose is None:
+            ipt.set_conntrack_tcp_loose(pod.netns, False)
 
     def _release_family(self, pod: PodNet, family: Family) -> None:
         document = release_document(ipt.save(pod.netns, family, self.backend, TABLE))

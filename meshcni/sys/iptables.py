@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from meshcni.sys.errors import SysError
-from meshcni.sys.netns import run_in_netns
+from meshcni.sys.netns import in_netns, run_in_netns
 
 BACKEND_ENV = "MESHCNI_IPTABLES_BACKEND"
 # Chains kubelet (1.24+) creates so that tools can tell which backend the node uses; the strongest signal.
@@ -119,6 +119,42 @@ def _host_dump(backend: Backend) -> str | None:
         elif family is Family.IPV4:
             return None
     return "".join(text)
+
+
+# --- conntrack settings of a netns ------------------------------------------------------------------------
+
+# Per network namespace since Linux 4.x; present once nf_conntrack is loaded (a rule that needs it loads it).
+CONNTRACK_TCP_LOOSE = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
+CONNTRACK_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"
+
+
+def conntrack_count(netns: str) -> int:
+    """How many conntrack entries the netns holds (0 when nf_conntrack is not even loaded)."""
+    with in_netns(netns):
+        try:
+            with open(CONNTRACK_COUNT, encoding="ascii") as f:
+                return int(f.read().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+
+def conntrack_tcp_loose(netns: str) -> bool | None:
+    """Whether conntrack in the netns adopts TCP connections it first sees mid-stream (None: not loaded)."""
+    with in_netns(netns):  # /proc/sys/net shows the opening thread's namespace
+        try:
+            with open(CONNTRACK_TCP_LOOSE, encoding="ascii") as f:
+                return f.read().strip() != "0"
+        except FileNotFoundError:
+            return None
+
+
+def set_conntrack_tcp_loose(netns: str, loose: bool) -> None:
+    with in_netns(netns):
+        try:
+            with open(CONNTRACK_TCP_LOOSE, "w", encoding="ascii") as f:
+                f.write("1" if loose else "0")
+        except OSError as exc:
+            raise IptablesError(f"cannot set {CONNTRACK_TCP_LOOSE} in {netns}: {exc.strerror or exc}") from exc
 
 
 # --- reading and writing a table in a netns ----------------------------------------------------------------

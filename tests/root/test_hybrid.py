@@ -18,7 +18,7 @@ import pytest
 
 from meshcni import preflight
 from meshcni.config import Mode
-from meshcni.datapath.iptables import INBOUND, OUTPUT, IptablesInterceptor
+from meshcni.datapath.iptables import CONNTRACK_CHAIN, CONNTRACK_HOLD_SPEC, INBOUND, OUTPUT, IptablesInterceptor
 from meshcni.datapath.hybrid import HybridInterceptor
 from meshcni.lab import haproxy, traffic
 from meshcni.lab import lab as lab_core
@@ -114,7 +114,8 @@ def _release_and_check_direct(state, hybrid) -> None:
     for pod in state.pods:
         nat = _nat(pod)
         assert [c for c in nat.chains if c.startswith("ISTIO_")] == []
-        assert sum(len(rules) for rules in nat.rules.values()) == 0
+        # Traffic went through the pods, so the conntrack hold stays (it redirects nothing): no other rule does.
+        assert {chain: rules for chain, rules in nat.rules.items() if rules} == {CONNTRACK_CHAIN: [CONNTRACK_HOLD_SPEC]}
     assert hybrid.ebpf.enrolled() == {}
     fa, fb = _frontends(state, a), _frontends(state, b)
     rep = traffic.request(state, a, b.ip, 80, "/")
