@@ -39,6 +39,27 @@ static __always_inline int mcni_is_proxy_task(const struct mcni_pod *pod)
 	return (__u32)uid_gid == pod->proxy_uid || (__u32)(uid_gid >> 32) == pod->proxy_gid;
 }
 
+/* Move the record connect4 wrote under the socket cookie to the app-side tuple the proxy will look up. It needs
+ * no enrolment: the record's existence proves connect4 captured this socket, and the pod may have been released
+ * since (a live switch to iptables) while the proxy still accepts this connection. */
+static __always_inline void mcni_move_origdst(struct bpf_sock_ops *skops, __u64 netns)
+{
+	struct mcni_tuple t = {};
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct mcni_origdst *orig = mcni_sock_origdst_v1.lookup(&cookie);
+	if (!orig)
+		return; /* not captured by connect4 */
+	struct mcni_origdst copy = *orig;
+	mcni_sockops_tuple(skops, &t, netns);
+	/* written before the SYN exists, so the proxy's end can never be established without it */
+	if (mcni_pair_origdst_v1.update(&t, &copy) != 0)
+		mcni_count(copy.slot, MCNI_CTR_ERRORS, 1);
+	else
+		/* until established: a connect that fails must take its record along (see STATE_CB) */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	mcni_sock_origdst_v1.delete(&cookie);
+}
+
 /* TCP_CONNECT_CB runs from connect() itself, so the current task is the one that owns the socket. */
 static __always_inline void mcni_connecting(struct bpf_sock_ops *skops, const struct mcni_pod *pod, __u64 netns)
 {
@@ -51,19 +72,7 @@ static __always_inline void mcni_connecting(struct bpf_sock_ops *skops, const st
 		}
 		return;
 	}
-	__u64 cookie = bpf_get_socket_cookie(skops);
-	struct mcni_origdst *orig = mcni_sock_origdst_v1.lookup(&cookie);
-	if (!orig)
-		return; /* not captured by connect4 */
-	struct mcni_origdst copy = *orig;
-	mcni_sockops_tuple(skops, &t, netns);
-	/* written before the SYN exists, so the proxy's end can never be established without it */
-	if (mcni_pair_origdst_v1.update(&t, &copy) != 0)
-		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
-	else
-		/* until established: a connect that fails must take its record along (see STATE_CB) */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	mcni_sock_origdst_v1.delete(&cookie);
+	mcni_move_origdst(skops, netns);
 }
 
 /* PASSIVE_ESTABLISHED of a socket accepted on the pod's outbound capture listener: claim the record the app's
@@ -152,8 +161,11 @@ int mcni_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	struct mcni_pod *pod = mcni_pod_by_netns(netns);
-	if (!pod)
+	if (!pod) {
+		if (op == BPF_SOCK_OPS_TCP_CONNECT_CB)
+			mcni_move_origdst(skops, netns); /* released between connect4 and here */
 		return 1;
+	}
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB)
 		mcni_connecting(skops, pod, netns);
 	else
