@@ -33,7 +33,6 @@ from meshcni.agent.proxies import DEFAULT_HANDOFF_DIR, ProxyManager
 from meshcni.agent.registry import Registry
 from meshcni.cni import protocol
 from meshcni.config import Mode
-from meshcni.sys.errors import SysError
 
 log = logging.getLogger("meshcni.agent")
 

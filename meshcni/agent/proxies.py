@@ -27,7 +27,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,7 +345,7 @@ def _holders(netns_path: str, inodes: set[int]) -> list[int]:
     found = []
     for pid in dp_listeners._pids_in_netns(netns_path):
         # a stopped (T) proxy is one a crash flow is killing right now
-        if pid != me and _socket_inodes(pid) & inodes and proc.state(pid) not in (None, "Z", "X", "T"):
+        if pid != me and proc.socket_inodes(pid) & inodes and proc.state(pid) not in (None, "Z", "X", "T"):
             found.append(pid)
     return sorted(found, key=lambda p: (proc.start_time(p) or 0, p))
 
@@ -361,23 +360,7 @@ def _holds_a_listener(pid: int) -> bool:
                 listening |= {int(line.split()[9]) for line in f if line.split()[3] == "0A"}
         except (OSError, StopIteration):
             continue
-    return bool(listening & _socket_inodes(pid))
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    found = set()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return found
-    for n in names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{n}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found.add(int(target[8:-1]))
-    return found
+    return bool(listening & proc.socket_inodes(pid))
 
 
 def _in_event_loop(pid: int) -> bool:

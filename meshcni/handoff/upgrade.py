@@ -281,7 +281,7 @@ def accepted_connections(pid: int, netns_path: str) -> int:
     """
     with netns.in_netns(netns_path):
         low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    inodes = _socket_inodes(pid)
+    inodes = proc.socket_inodes(pid)
     count = 0
     for name in ("tcp", "tcp6"):
         try:
@@ -293,22 +293,6 @@ def accepted_connections(pid: int, netns_path: str) -> int:
             if f[3] != _TCP_LISTEN and int(f[9]) in inodes and not low <= int(f[1].rsplit(":", 1)[1], 16) <= high:
                 count += 1
     return count
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    found = set()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return found
-    for n in names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{n}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found.add(int(target[8:-1]))
-    return found
 
 
 def _wait_accept_queue_empty(pid: int, port: int, timeout: float) -> None:

@@ -269,6 +269,23 @@ def _cgroup_pids(p: Path) -> list[int]:
         raise
 
 
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` has open (empty when it is gone or not ours to look at)."""
+    found: set[int] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for n in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{n}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
 def listening_ports(pid: int) -> set[tuple[str, int]]:
     """TCP (address, port) pairs in LISTEN state in the network namespace of `pid`.
 
