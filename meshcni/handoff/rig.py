@@ -133,9 +133,7 @@ class HotUpgradeRig:
 
     def client_retries(self) -> int:
         """Requests pod a's outbound proxy sent again after its upstream failed (HAProxy `wretr`)."""
-        rows = haproxy.parse_show_stat(haproxy.command(podproc.proxy_socket(self.state, self.client_pod),
-                                                       "show stat"))
-        return sum(int(r.get("wretr") or 0) for r in rows if r.get("svname") == "BACKEND")
+        return haproxy.retries(podproc.proxy_socket(self.state, self.client_pod))
 
     # --- internals ----------------------------------------------------------------------------------------
 

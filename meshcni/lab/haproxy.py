@@ -206,6 +206,12 @@ def backend_sessions(rows: Iterable[dict[str, str]]) -> dict[str, int]:
     return {r["pxname"]: int(r["stot"] or 0) for r in rows if r.get("svname") == "BACKEND"}
 
 
+def retries(socket_path: str | Path) -> int:
+    """Requests this proxy sent again after its upstream failed (`wretr` summed over backends; see RETRIES)."""
+    rows = parse_show_stat(command(socket_path, "show stat"))
+    return sum(int(r.get("wretr") or 0) for r in rows if r.get("svname") == "BACKEND")
+
+
 def stats(socket_path: str | Path) -> dict[str, dict[str, int]]:
     rows = parse_show_stat(command(socket_path, "show stat"))
     return {"frontends": frontend_sessions(rows), "backends": backend_sessions(rows)}
