@@ -16,7 +16,8 @@ bcc = pytest.importorskip("bcc")
 from meshcni.agent.client import AgentClient  # noqa: E402
 from meshcni.lab import agent as lab_agent  # noqa: E402
 from meshcni.lab import lab as lab_core  # noqa: E402
-from meshcni.lab import traffic  # noqa: E402
+from meshcni.lab import haproxy, traffic  # noqa: E402
+from meshcni.lab import pod as podproc  # noqa: E402
 
 
 @pytest.fixture
@@ -124,3 +125,5 @@ def test_live_mode_toggles_under_load_lose_no_request_and_capture_every_one(lab)
     assert report["failed"] == 0, incidents
     assert report["via"] == {f"{b.name}-inbound,{a.name}-outbound": report["ok"]}, incidents  # none half-captured
     assert report["ok"] >= TOGGLES * 20
+    # and not one request had to be retried by pod a's sidecar (lab RETRIES) to get there
+    assert haproxy.retries(podproc.proxy_socket(lab, a)) == 0
