@@ -18,34 +18,15 @@ from meshcni.lab import lab as lab_core
 from meshcni.lab import pod as podproc
 from meshcni.lab.payload import digest, payload
 from meshcni.lab.state import LabError
+from tests.root.lab_fixture import HAVE_BCC, captured_lab
 
 pytestmark = pytest.mark.root
 MIB = 1 << 20
 
-try:
-    import bcc  # noqa: F401
-
-    HAVE_BCC = True
-except ImportError:
-    HAVE_BCC = False
-
-
 @pytest.fixture(scope="module")
 def lab():
-    if not HAVE_BCC:
-        pytest.skip("bcc (python3-bpfcc) is not installed")
-    name = f"t-capture-{os.getpid() % 100000}"
-    try:
-        state = lab_core.up(lab_core.LabOptions(name=name, capture=True))
-    except LabError:
-        lab_core.down(name)
-        raise
-    try:
+    with captured_lab(f"t-capture-{os.getpid() % 100000}") as state:
         yield state
-    finally:
-        pin_dir = state.bpf_pin_dir
-        lab_core.down(name)
-        assert not Path(pin_dir).exists(), f"{pin_dir} left behind"
 
 
 def _frontends(state, pod) -> dict[str, int]:

@@ -20,38 +20,17 @@ from pathlib import Path
 import pytest
 
 from meshcni.lab import haproxy
-from meshcni.lab import lab as lab_core
 from meshcni.lab import pod as podproc
-from meshcni.lab.state import LabError
 from meshcni.sys import proc
+from tests.root.lab_fixture import captured_lab
 
 pytestmark = pytest.mark.root
 CLIENT = str(Path(__file__).resolve().parent / "origdst_client.py")
 
-try:
-    import bcc  # noqa: F401
-
-    HAVE_BCC = True
-except ImportError:
-    HAVE_BCC = False
-
-
 @pytest.fixture(scope="module")
 def lab():
-    if not HAVE_BCC:
-        pytest.skip("bcc (python3-bpfcc) is not installed")
-    name = f"ha-od-{os.getpid() % 100000}"
-    try:
-        state = lab_core.up(lab_core.LabOptions(name=name, capture=True, agent=False))
-    except LabError:
-        lab_core.down(name)
-        raise
-    try:
+    with captured_lab(f"ha-od-{os.getpid() % 100000}", agent=False) as state:
         yield state
-    finally:
-        pin_dir = state.bpf_pin_dir
-        lab_core.down(name)
-        assert not Path(pin_dir).exists(), f"{pin_dir} left behind"
 
 
 def _sections(state, pod) -> dict[str, int]:

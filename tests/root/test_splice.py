@@ -84,42 +84,20 @@ from meshcni.datapath.ebpf import netns_cookie  # noqa: E402
 from meshcni.lab import haproxy, traffic  # noqa: E402
 from meshcni.lab import lab as lab_core  # noqa: E402
 from meshcni.lab import pod as podproc  # noqa: E402
-from meshcni.lab.state import LabError  # noqa: E402
 from meshcni.sys import proc  # noqa: E402
+from tests.root.lab_fixture import captured_lab  # noqa: E402
 
 pytestmark = pytest.mark.root
 
-try:
-    import bcc  # noqa: F401
-
-    HAVE_BCC = True
-except ImportError:
-    HAVE_BCC = False
-
-
 @pytest.fixture(scope="module")
 def lab():
-    if not HAVE_BCC:
-        pytest.skip("bcc (python3-bpfcc) is not installed")
-    name = f"t-splice-{os.getpid() % 100000}"
-    opts = lab_core.LabOptions(name=name, capture=True)
-    if hasattr(opts, "agent"):
-        opts.agent = False  # enrol straight into the datapath, with its defaults
-    try:
-        state = lab_core.up(opts)
-    except LabError:
-        lab_core.down(name)
-        raise
-    dp = None
-    try:
+    # enrolled straight into the datapath, with its defaults
+    with captured_lab(f"t-splice-{os.getpid() % 100000}", agent=False) as state:
         dp = lab_core.datapath(state)
-        yield state, dp
-    finally:
-        pin_dir = state.bpf_pin_dir
-        if dp is not None:
+        try:
+            yield state, dp
+        finally:
             dp.close()
-        lab_core.down(name)
-        assert not Path(pin_dir).exists(), f"{pin_dir} left behind"
 
 
 def _net(pod):
