@@ -135,9 +135,10 @@ class AgentCollector:
             held.add_metric(ids, float(len(waiting)))
             for name, n in waiting.items():
                 backlog.add_metric(ids + [name], float(n))
-            self._add_upgrades(upgrades, ids, entry.stats.to_dict())
-            queued.add_metric(ids, float(entry.stats.to_dict()["queued_connections"]))
-            lost.add_metric(ids, float(entry.stats.to_dict()["in_flight_lost"]))
+            stats = entry.stats.to_dict()
+            self._add_upgrades(upgrades, ids, stats)
+            queued.add_metric(ids, float(stats["queued_connections"]))
+            lost.add_metric(ids, float(stats["in_flight_lost"]))
         for container_id, stats in list(proxies.adopt_stats.items()):
             self._add_upgrades(upgrades, self._pod_labels(container_id), stats.to_dict(), only=("adopt",))
         yield from (upgrades, handoffs, refused, queued, lost, backlog, held)
