@@ -1,8 +1,12 @@
 """The agent's registry of enrolled pods, persisted one file per pod so an agent restart can re-adopt them.
 
-Each pod is a small JSON file `<state_dir>/pods/<container_id>.json`, written atomically (temporary file,
-fsync, rename, fsync of the directory). One file per pod keeps an AddPod's cost independent of how many
-pods the node has, and a crash can only ever lose the one write in flight. A record is written with
+Each pod is a small JSON file `<state_dir>/pods/<container_id>.json`, replaced atomically (temporary file,
+rename), so a restarted agent never reads a torn record. It is deliberately not fsync'd: the registry only
+has to outlive the agent process, and the page cache does that; what would outlive it only with an fsync is
+a node crash, after which every pod's netns and every pinned map are gone and the records describe nothing
+(the restarted agent drops records whose netns no longer exists). Four disk flushes per AddPod would buy
+nothing but latency that follows the disk's mood. One file per pod keeps an AddPod's cost independent of
+how many pods the node has. A record is written with
 `phase: "adding"` *before* the datapath is touched and `"captured"` after, so on restart an agent that
 died in between knows exactly which enrolments may be half-done and redoes or undoes them.
 """
@@ -109,11 +113,9 @@ class Registry:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.write(fd, data)
-                os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            _fsync_dir(self.dir)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SysError(f"cannot persist pod {record.container_id} in {self.dir}: {exc}") from exc
@@ -123,7 +125,6 @@ class Registry:
     def remove(self, container_id: str) -> None:
         try:
             (self.dir / f"{container_id}.json").unlink(missing_ok=True)
-            _fsync_dir(self.dir)
         except OSError as exc:
             raise SysError(f"cannot remove pod {container_id} from {self.dir}: {exc}") from exc
         with self._lock:
@@ -141,10 +142,3 @@ class Registry:
                 hits = [p for p in self._pods.values() if p.pod_name == key]
             return hits[0] if len(hits) == 1 else None
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
