@@ -46,8 +46,11 @@ CNI_INVALID_CONFIG = 7
 CNI_TRY_AGAIN = 11
 CNI_INTERNAL = 100
 CNI_NOT_CAPTURED = 101
-# Registered pods whose SOCKMAP entry one tick re-checks (see adopt_listeners).
+# Registered pods whose SOCKMAP entry one tick re-checks, and waiting pods one tick searches a proxy listener
+# for (see adopt_listeners): a tick's work, and the GIL time an API call can wait behind, stays flat as the
+# node fills up.
 SCAN_PER_TICK = 32
+SEARCH_PER_TICK = 8
 
 
 class AgentError(Exception):
@@ -369,8 +372,8 @@ class AgentCore:
 
         The kernel drops a closed listener from the SOCKMAP by itself, so "missing from the map" is the one
         signal for both cases. A tick stays cheap however many pods the node has: a pod still waiting for
-        its proxy is looked at only when its back-off expires, and registered pods are re-checked
-        `SCAN_PER_TICK` at a time, round robin (a replaced self-binding proxy is noticed within
+        its proxy is looked at only when its back-off expires, at most `SEARCH_PER_TICK` of them per tick,
+        and registered pods are re-checked `SCAN_PER_TICK` at a time, round robin (a replaced self-binding proxy is noticed within
         pods / SCAN_PER_TICK ticks). Pods whose listeners the agent holds need no search at all. The search
         for a self-binding proxy's socket walks /proc once per tick for all pods, outside the lock.
         """
@@ -384,8 +387,11 @@ class AgentCore:
                            if r.mode == Mode.EBPF.value and r.phase == "captured" and r.slot >= 0),
                           key=lambda r: r.slot)
         registered = [r for r in captured if r.listener == "registered"]
-        look = [r for r in captured if r.listener != "registered"
-                and now >= self._next_search.get(r.container_id, (0.0, 0.0))[0]]
+        # Waiting pods whose back-off expired, the shortest back-off first: a pod whose proxy is just starting
+        # is found within a tick or two even when many pods without a proxy wait at the 5 s cap.
+        due = sorted((self._next_search.get(r.container_id, (0.0, 0.0))[::-1], r.slot, r) for r in captured
+                     if r.listener != "registered" and now >= self._next_search.get(r.container_id, (0.0, 0.0))[0])
+        look = [r for _, _, r in due[:SEARCH_PER_TICK]]
         if registered:
             start = self._scan_cursor % len(registered)
             batch = (registered[start:] + registered[:start])[:SCAN_PER_TICK]

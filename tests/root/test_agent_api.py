@@ -201,6 +201,49 @@ def test_gc_keeps_only_valid_attachments(env):
             env.delete_netns(ns)
 
 
+def test_a_proxy_that_starts_late_is_registered_while_other_pods_wait(env):
+    """A pod enrolled before its proxy listens is registered once the proxy binds 15006, even while more pods
+    than one tick searches (SEARCH_PER_TICK) wait for a proxy that never comes."""
+    from meshcni.agent.core import SEARCH_PER_TICK
+    from meshcni.datapath import layout as L
+
+    waiting = [env.make_netns(300 + i) for i in range(SEARCH_PER_TICK + 4)]
+    late = env.make_netns(399)
+    proxy = None
+    try:
+        with env.client() as c:
+            for i, ns in enumerate(waiting):
+                c.add_pod(container_id=f"wait-{i}", netns=ns, ips=[f"10.253.0.{i + 2}"])
+            pod = c.add_pod(container_id="late", netns=late, ips=["10.253.1.2"])
+            assert c.check_pod(container_id="late", netns=late)["problems"] == [
+                "no inbound proxy listener is registered"]
+            proxy = subprocess.Popen(["nsenter", f"--net={late}", sys.executable, "-c",
+                                      "import socket, time\n"
+                                      "s = socket.socket(); s.bind(('0.0.0.0', 15006)); s.listen(8)\n"
+                                      "time.sleep(600)"])
+            deadline = 600  # polls of 0.1 s: a bound for a broken agent, not a latency figure
+            while c.get_pod("late")["listener"] != "registered" and deadline:
+                threading.Event().wait(0.1)
+                deadline -= 1
+            assert c.get_pod("late")["listener"] == "registered"
+            assert c.check_pod(container_id="late", netns=late)["problems"] == []
+            dp = EbpfDatapath.open(env.pin_dir)
+            try:
+                assert dp.maps["mcni_listeners_v1"].lookup(L.U32(pod["slot"] * 2)) is not None
+            finally:
+                dp.close()
+            assert all(p["listener"] != "registered" for p in c.list_pods() if p["container_id"] != "late")
+            for i in range(len(waiting)):
+                c.del_pod(container_id=f"wait-{i}")
+            c.del_pod(container_id="late")
+    finally:
+        if proxy is not None:
+            proxy.kill()
+            proxy.wait()
+        for ns in waiting + [late]:
+            env.delete_netns(ns)
+
+
 def test_restart_readopts_pods_and_drops_those_whose_netns_is_gone(env):
     keep, gone = env.make_netns(300), env.make_netns(301)
     try:
