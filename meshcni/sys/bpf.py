@@ -89,6 +89,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_update_elem": [c_int, vp, vp, ctypes.c_uint64],
         "bpf_map_delete_elem": [c_int, vp],
         "bpf_map_get_next_key": [c_int, vp, vp],
+        "bpf_map_lookup_batch": [c_int, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_uint32), vp],
         "bpf_obj_get_info_by_fd": [c_int, vp, ctypes.POINTER(ctypes.c_uint32)],
         "bpf_prog_get_fd_by_id": [c_uint],
         # the preflight's tiny probe programs and maps (meshcni/preflight/rawbpf.py)
@@ -163,6 +164,10 @@ def map_info(fd: int) -> _MapInfo:
     return info
 
 
+_BATCH = 256  # entries per BPF_MAP_LOOKUP_BATCH call
+_ENOTSUPP = 524  # the kernel-internal "not supported" some map types answer batch calls with
+
+
 class RawMap:
     """Element access on a map fd with ctypes keys and values (value may be a per-CPU array type)."""
 
@@ -193,6 +198,52 @@ class RawMap:
         return True
 
     def keys(self) -> list:
+        batch = self._batch_items()
+        if batch is not None:
+            return [k for k, _ in batch]
+        return self._keys_one_by_one()
+
+    def items(self) -> list:
+        """Every (key, value): a few BPF_MAP_LOOKUP_BATCH calls where the map type has them (hash and array
+        maps), otherwise one lookup per key. A scan of a map shared by all pods then costs syscalls per
+        batch, not per entry, which keeps a pod's release cheap on a full node."""
+        batch = self._batch_items()
+        if batch is not None:
+            return batch
+        result = []
+        for k in self._keys_one_by_one():
+            v = self.lookup(k)
+            if v is not None:
+                result.append((k, v))
+        return result
+
+    def _batch_items(self) -> list | None:
+        """All entries by batch lookup; None when the kernel has no batch operation for this map type."""
+        ksz, vsz = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
+        keys = ctypes.create_string_buffer(ksz * _BATCH)
+        values = ctypes.create_string_buffer(vsz * _BATCH)
+        # the position token is opaque (a bucket index for hash maps, a key for arrays): key-sized is enough
+        token_in, token_out = ctypes.create_string_buffer(max(ksz, 8)), ctypes.create_string_buffer(max(ksz, 8))
+        out: list = []
+        first = True
+        while True:
+            count = ctypes.c_uint32(_BATCH)
+            rc = _lib().bpf_map_lookup_batch(self.fd, None if first else token_in, token_out, keys, values,
+                                             ctypes.byref(count), None)
+            err = -rc if rc != -1 else ctypes.get_errno()
+            if rc < 0 and err != errno_mod.ENOENT:
+                if first and err in (errno_mod.EINVAL, errno_mod.EOPNOTSUPP, _ENOTSUPP):
+                    return None
+                _check(rc, f"iterate {self.name}")
+            for i in range(count.value):
+                out.append((self.key_type.from_buffer_copy(keys, i * ksz),
+                            self.value_type.from_buffer_copy(values, i * vsz)))
+            if rc < 0:  # ENOENT: that was the last batch
+                return out
+            ctypes.memmove(token_in, token_out, len(token_in))
+            first = False
+
+    def _keys_one_by_one(self) -> list:
         out = []
         prev = None
         while True:
@@ -204,14 +255,6 @@ class RawMap:
             _check(rc, f"iterate {self.name}")
             out.append(nxt)
             prev = nxt
-
-    def items(self) -> list:
-        result = []
-        for k in self.keys():
-            v = self.lookup(k)
-            if v is not None:
-                result.append((k, v))
-        return result
 
     def close(self) -> None:
         if self._owns_fd and self.fd >= 0:
