@@ -93,7 +93,7 @@ def check_proxies(path: ProxyPath, moved: dict, requests: int, slack: int) -> li
 
 
 FALLBACK_BACKENDS = ("outbound_tcp", "inbound_tcp")
-CLIENT_FRONTENDS = ("outbound", "explicit_http_out")
+CLIENT_FRONTENDS = ("outbound", "explicit_http_out", "routed_out")
 
 
 def _current(state: LabState) -> dict[str, list[dict[str, str]]]:

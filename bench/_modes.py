@@ -1,8 +1,11 @@
-"""The four paths the throughput bench compares, as backends with the same verbs (enter, url, check, leave).
+"""The five paths the throughput bench compares, as backends with the same verbs (enter, url, check, leave).
 
 - `direct`: pod A's client talks to nginx in pod B; nothing is captured and no proxy is crossed.
 - `explicit`: no capture; the client targets its own sidecar's explicit listener (127.0.0.1:15101), which
   forwards to pod B's sidecar (15106), which forwards to B's nginx — the cost of two proxy hops alone.
+- `explicit-routed`: the same, through listeners (15103/15108) that handle the connection exactly as the
+  capture listeners do — TCP mode, HTTP backend by destination port, the app reached from 127.0.0.6 — so
+  ebpf/explicit-routed is the cost of the capture mechanism alone.
 - `ebpf`: the meshcni eBPF datapath is loaded on the lab's cgroup and both pods are enrolled; the client
   dials B:80, connect4 sends it to A's sidecar (15001), sk_lookup steers the sidecar's connection into B's
   inbound listener (15006).
@@ -118,6 +121,23 @@ class Explicit(Mode):
         )
 
 
+class ExplicitRouted(Mode):
+    """`explicit` through the listeners that route like the capture ones: what capture adds over it is the
+    mechanism alone (hooks, steering, the original-destination lookup), not HAProxy's port routing."""
+
+    name = "explicit-routed"
+
+    def url(self, b: Bench, path: str) -> str:
+        return f"http://127.0.0.1:{haproxy.EXPLICIT_ROUTED_OUT}{path}"
+
+    def proxy_path(self, b: Bench) -> ProxyPath:
+        return ProxyPath(
+            listeners={b.src.name: "routed_out", b.dst.name: "routed_in"},
+            allowed_sections={b.src.name: frozenset({"routed_out", "routed_out_http"}),
+                              b.dst.name: frozenset({"routed_in", "routed_in_http"})},
+        )
+
+
 class Ebpf(Mode):
     name = "ebpf"
     captured_by = "ebpf"
@@ -204,4 +224,4 @@ class Iptables(Mode):
         return _captured_path(b)
 
 
-MODES: dict[str, type[Mode]] = {m.name: m for m in (Direct, Explicit, Ebpf, Iptables)}
+MODES: dict[str, type[Mode]] = {m.name: m for m in (Direct, Explicit, ExplicitRouted, Ebpf, Iptables)}

@@ -18,6 +18,8 @@ PROFILE_TITLES = {"keep-alive": "keep-alive", "close": "connection-per-request"}
 TARGETS = (
     ("keep-alive", "ebpf", "explicit", "rps", 0.97),
     ("close", "ebpf", "explicit", "rps", 0.97),
+    ("keep-alive", "ebpf", "explicit-routed", "rps", 0.97),
+    ("close", "ebpf", "explicit-routed", "rps", 0.97),
     ("keep-alive", "ebpf", "iptables", "rps", 1.0),
     ("close", "ebpf", "iptables", "rps", 1.15),
     ("keep-alive", "ebpf", "iptables", "p99", 1.0),
@@ -59,7 +61,7 @@ def ratios(summary: dict) -> dict[str, dict[str, float]]:
         r = {}
         ebpf = modes.get("ebpf")
         if ebpf:
-            for other in ("explicit", "iptables", "direct"):
+            for other in ("explicit", "explicit-routed", "iptables", "direct"):
                 if other in modes and modes[other]["rps_median"]:
                     r[f"rps_ebpf_over_{other}"] = round(ebpf["rps_median"] / modes[other]["rps_median"], 3)
             if "iptables" in modes:
@@ -107,12 +109,14 @@ def markdown(summary: dict, ratio: dict, verdicts: list[dict], mode_order: list[
             )
     ratio_rows = [(p, r) for p, r in ratio.items() if r]
     if ratio_rows:
-        lines += ["", "| profile | ebpf/explicit req/s | ebpf/iptables req/s | ebpf/iptables p99 |", "|---|---:|---:|---:|"]
+        lines += ["", "| profile | ebpf/explicit req/s | ebpf/explicit-routed req/s | ebpf/iptables req/s | "
+                      "ebpf/iptables p99 |", "|---|---:|---:|---:|---:|"]
         for profile in PROFILES:
             r = ratio.get(profile)
             if not r:
                 continue
-            cells = [r.get(k) for k in ("rps_ebpf_over_explicit", "rps_ebpf_over_iptables", "p99_ebpf_over_iptables")]
+            cells = [r.get(k) for k in ("rps_ebpf_over_explicit", "rps_ebpf_over_explicit-routed",
+                                         "rps_ebpf_over_iptables", "p99_ebpf_over_iptables")]
             lines.append(f"| {PROFILE_TITLES[profile]} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells)
                          + " |")
     if verdicts:

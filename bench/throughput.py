@@ -45,7 +45,7 @@ from meshcni.lab import lab as lab_core  # noqa: E402
 from meshcni.lab.state import LabError, LabNames  # noqa: E402
 from meshcni.sys.errors import SysError  # noqa: E402
 
-MODE_ORDER = ["direct", "explicit", "ebpf", "iptables"]
+MODE_ORDER = ["direct", "explicit", "explicit-routed", "ebpf", "iptables"]
 FULL = {"rounds": 5, "duration": 8, "warmup": 1}
 QUICK = {"rounds": 2, "duration": 3, "warmup": 1}
 BPF_DIR_ENV = "MESHCNI_BPF_DIR"

@@ -8,6 +8,8 @@ Listeners (all in the pod's netns; HAProxy runs as uid/gid 1337):
   is the original destination, and the proxy connects to it from 127.0.0.6 so it is not captured again.
 - `explicit_*` on 15101/15106 (HTTP) and 15102/15107 (TCP) — for benchmarks without capture: the app
   targets its own proxy, which forwards to the peer pod's proxy, which forwards to the local app.
+- `routed_*` on 15103/15108 — the same explicit path, handled exactly like a captured connection (TCP mode,
+  HTTP backend chosen by destination port, app reached from 127.0.0.6): the floor of the capture mechanism.
 Both captured listeners accept in TCP mode and switch to an HTTP backend for the app ports, so HTTP gets an
 `x-meshcni-proxy: <pod>-<direction>` response header as evidence while any other port stays a byte-exact
 TCP stream. `show stat` on the admin socket is parsed into rows; `stot` is a frontend's session total.
@@ -31,7 +33,11 @@ EXPLICIT_HTTP_OUT = 15101
 EXPLICIT_HTTP_IN = 15106
 EXPLICIT_TCP_OUT = 15102
 EXPLICIT_TCP_IN = 15107
-EXPLICIT_PORTS = (EXPLICIT_HTTP_OUT, EXPLICIT_HTTP_IN, EXPLICIT_TCP_OUT, EXPLICIT_TCP_IN)
+# explicit listeners that handle a connection the way the capture listeners do (see `routed_out` below)
+EXPLICIT_ROUTED_OUT = 15103
+EXPLICIT_ROUTED_IN = 15108
+EXPLICIT_PORTS = (EXPLICIT_HTTP_OUT, EXPLICIT_HTTP_IN, EXPLICIT_TCP_OUT, EXPLICIT_TCP_IN, EXPLICIT_ROUTED_OUT,
+                  EXPLICIT_ROUTED_IN)
 LISTEN_PORTS = (OUTBOUND_PORT, INBOUND_PORT) + EXPLICIT_PORTS
 ECHO_PORT = 9000
 
@@ -136,6 +142,35 @@ frontend explicit_http_in
 backend explicit_http_in
     mode http
     server app 127.0.0.1:{spec.app_http_port}
+
+# The same two hops with the capture listeners' own handling, for an app that dials the sidecar itself: TCP
+# mode, the same reject rule, the HTTP backend picked by destination port (HAProxy's TCP-to-HTTP upgrade), the
+# server side reached at the pod IP from {INBOUND_PASSTHROUGH_SRC}. Only how the connection reaches the
+# listener and how its destination is learnt differ, so the bench can tell the capture mechanism's cost from
+# what a port-routing proxy costs over a plain HTTP listener.
+frontend routed_out
+    bind 0.0.0.0:{EXPLICIT_ROUTED_OUT}
+    mode tcp
+    tcp-request connection reject if {{ dst_port {OUTBOUND_PORT} }}
+    use_backend routed_out_http if {{ dst_port {EXPLICIT_ROUTED_OUT} }}
+    default_backend routed_out_http
+
+backend routed_out_http
+    mode http
+{RETRIES}    http-response add-header {PROXY_HEADER} {spec.pod}-routed-out
+    server peer {spec.peer_ip}:{EXPLICIT_ROUTED_IN}
+
+frontend routed_in
+    bind 0.0.0.0:{EXPLICIT_ROUTED_IN}
+    mode tcp
+    tcp-request connection reject if {{ dst_port {INBOUND_PORT} }}
+    use_backend routed_in_http if {{ dst_port {EXPLICIT_ROUTED_IN} }}
+    default_backend routed_in_http
+
+backend routed_in_http
+    mode http
+    http-response add-header {PROXY_HEADER} {spec.pod}-routed-in
+    server app 0.0.0.0:{spec.app_http_port} source {INBOUND_PASSTHROUGH_SRC}
 
 frontend explicit_tcp_out
     bind 0.0.0.0:{EXPLICIT_TCP_OUT}

@@ -28,7 +28,7 @@ try:
 except ImportError:
     HAVE_BCC = False
 
-MODES = ["direct", "explicit", "ebpf", "iptables"]
+MODES = ["direct", "explicit", "explicit-routed", "ebpf", "iptables"]
 
 
 @pytest.mark.root
@@ -66,6 +66,9 @@ def test_tiny_bench_run_measures_and_verifies_every_mode(tmp_path, unique_id):
     assert runs["direct"]["evidence"]["proxies"] == {}
     explicit = runs["explicit"]["evidence"]["proxies"]
     assert explicit[dst]["explicit_http_in/FRONTEND"]["req_tot"] >= runs["explicit"]["wrk"]["requests"]
+    routed = runs["explicit-routed"]["evidence"]["proxies"]
+    assert routed[src]["routed_out/FRONTEND"]["req_tot"] >= runs["explicit-routed"]["wrk"]["requests"]
+    assert routed[dst]["routed_in_http/BACKEND"]["req_tot"] >= runs["explicit-routed"]["wrk"]["requests"]
     # Captured modes: both sidecars' capture listeners carried every request; eBPF counted its captures.
     for mode in ("ebpf", "iptables"):
         moved = runs[mode]["evidence"]["proxies"]

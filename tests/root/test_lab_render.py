@@ -61,7 +61,9 @@ def test_haproxy_config_routes_app_ports_to_http_and_the_rest_to_tcp():
     assert text.count("server orig 0.0.0.0 source 127.0.0.6") == 2
     assert "server peer 10.0.0.3:15106" in text and "stats socket /s/a.sock" in text
     tcp_only = haproxy.render(haproxy.ProxySpec("a", "10.0.0.3", (), Path("/s/a.sock")))
-    assert "use_backend" not in tcp_only
+    # without app ports the capture listeners stay raw TCP (only the benchmark's routed listeners route)
+    assert "use_backend outbound_http" not in tcp_only and "use_backend inbound_http" not in tcp_only
+    assert "use_backend routed_out_http if { dst_port 15103 }" in tcp_only
 
 
 def test_nginx_config_keeps_every_path_under_the_pod_dir():
