@@ -108,34 +108,34 @@ class Direct(Mode):
 
 
 class Explicit(Mode):
+    """The app dials its own sidecar's explicit listener; `out`/`into` name the two frontends it crosses and
+    `sections` every proxy section the path may move (anything else moving means traffic went astray)."""
+
     name = "explicit"
+    port = haproxy.EXPLICIT_HTTP_OUT
+    out, into = "explicit_http_out", "explicit_http_in"
+    sections = ((), ())
 
     def url(self, b: Bench, path: str) -> str:
-        return f"http://127.0.0.1:{haproxy.EXPLICIT_HTTP_OUT}{path}"
+        return f"http://127.0.0.1:{self.port}{path}"
 
     def proxy_path(self, b: Bench) -> ProxyPath:
+        out_more, into_more = self.sections
         return ProxyPath(
-            listeners={b.src.name: "explicit_http_out", b.dst.name: "explicit_http_in"},
-            allowed_sections={b.src.name: frozenset({"explicit_http_out"}),
-                              b.dst.name: frozenset({"explicit_http_in"})},
+            listeners={b.src.name: self.out, b.dst.name: self.into},
+            allowed_sections={b.src.name: frozenset({self.out, *out_more}),
+                              b.dst.name: frozenset({self.into, *into_more})},
         )
 
 
-class ExplicitRouted(Mode):
+class ExplicitRouted(Explicit):
     """`explicit` through the listeners that route like the capture ones: what capture adds over it is the
     mechanism alone (hooks, steering, the original-destination lookup), not HAProxy's port routing."""
 
     name = "explicit-routed"
-
-    def url(self, b: Bench, path: str) -> str:
-        return f"http://127.0.0.1:{haproxy.EXPLICIT_ROUTED_OUT}{path}"
-
-    def proxy_path(self, b: Bench) -> ProxyPath:
-        return ProxyPath(
-            listeners={b.src.name: "routed_out", b.dst.name: "routed_in"},
-            allowed_sections={b.src.name: frozenset({"routed_out", "routed_out_http"}),
-                              b.dst.name: frozenset({"routed_in", "routed_in_http"})},
-        )
+    port = haproxy.EXPLICIT_ROUTED_OUT
+    out, into = "routed_out", "routed_in"
+    sections = (("routed_out_http",), ("routed_in_http",))
 
 
 class Ebpf(Mode):
