@@ -373,8 +373,8 @@ class AgentCore:
         The kernel drops a closed listener from the SOCKMAP by itself, so "missing from the map" is the one
         signal for both cases. A tick stays cheap however many pods the node has: a pod still waiting for
         its proxy is looked at only when its back-off expires, at most `SEARCH_PER_TICK` of them per tick,
-        and registered pods are re-checked `SCAN_PER_TICK` at a time, round robin (a replaced self-binding proxy is noticed within
-        pods / SCAN_PER_TICK ticks). Pods whose listeners the agent holds need no search at all. The search
+        and registered pods are re-checked `SCAN_PER_TICK` at a time, round robin (a replaced self-binding
+        proxy is noticed within pods / SCAN_PER_TICK ticks). Pods whose listeners the agent holds need no search at all. The search
         for a self-binding proxy's socket walks /proc once per tick for all pods, outside the lock.
         """
         if self.ebpf is None:
@@ -389,8 +389,10 @@ class AgentCore:
         registered = [r for r in captured if r.listener == "registered"]
         # Waiting pods whose back-off expired, the shortest back-off first: a pod whose proxy is just starting
         # is found within a tick or two even when many pods without a proxy wait at the 5 s cap.
-        due = sorted((self._next_search.get(r.container_id, (0.0, 0.0))[::-1], r.slot, r) for r in captured
-                     if r.listener != "registered" and now >= self._next_search.get(r.container_id, (0.0, 0.0))[0])
+        waiting = [(self._next_search.get(r.container_id, (0.0, 0.0)), r) for r in captured
+                   if r.listener != "registered"]
+        due = sorted(((backoff, at, r) for (at, backoff), r in waiting if now >= at),
+                     key=lambda d: (d[0], d[1], d[2].slot))
         look = [r for _, _, r in due[:SEARCH_PER_TICK]]
         if registered:
             start = self._scan_cursor % len(registered)

@@ -6,9 +6,9 @@ has to outlive the agent process, and the page cache does that; what would outli
 a node crash, after which every pod's netns and every pinned map are gone and the records describe nothing
 (the restarted agent drops records whose netns no longer exists). Four disk flushes per AddPod would buy
 nothing but latency that follows the disk's mood. One file per pod keeps an AddPod's cost independent of
-how many pods the node has. A record is written with
-`phase: "adding"` *before* the datapath is touched and `"captured"` after, so on restart an agent that
-died in between knows exactly which enrolments may be half-done and redoes or undoes them.
+how many pods the node has. A record is written with `phase: "adding"` *before* the datapath is touched and
+`"captured"` after, so on restart an agent that died in between knows exactly which enrolments may be
+half-done and redoes or undoes them.
 """
 
 from __future__ import annotations
