@@ -375,7 +375,8 @@ class AgentCore:
         its proxy is looked at only when its back-off expires, at most `SEARCH_PER_TICK` of them per tick,
         and registered pods are re-checked `SCAN_PER_TICK` at a time, round robin (a replaced self-binding
         proxy is noticed within pods / SCAN_PER_TICK ticks). Pods whose listeners the agent holds need no search at all. The search
-        for a self-binding proxy's socket walks /proc once per tick for all pods, outside the lock.
+        for a self-binding proxy's socket reads the pod's socket table and walks /proc at most once per
+        tick for all pods (only when some pod has a listener to take), outside the lock.
         """
         if self.ebpf is None:
             return 0
@@ -415,7 +416,7 @@ class AgentCore:
                         self._persist(record)
         if not todo:
             return 0
-        groups = None
+        index = listeners.ProcessIndex()  # /proc is walked once per tick, and only if some pod has a listener
         adopted = 0
         for record, config in todo:
             pod = self._pod_net(record, config)
@@ -425,9 +426,7 @@ class AgentCore:
                 if held is not None:
                     fds = held.listeners.inbound_fds()  # ours: registered again, never closed here
                 else:
-                    if groups is None:
-                        groups = listeners.pids_by_netns()
-                    fds = listeners.take_listeners(record.netns, config.inbound_port, groups)
+                    fds = listeners.take_listeners(record.netns, config.inbound_port, index)
             except (SysError, OSError) as exc:
                 log.warning("pod %s: looking for the proxy listener: %s", record.display_name, exc)
             if not fds:

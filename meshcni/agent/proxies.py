@@ -40,6 +40,7 @@ from meshcni.handoff.server import HandoffServer
 from meshcni.sys import cgroup as cgroup_sys
 from meshcni.sys import netns as netns_sys
 from meshcni.sys import proc
+from meshcni.sys.errors import SysError
 
 log = logging.getLogger("meshcni.agent")
 
@@ -192,7 +193,7 @@ class ProxyManager:
             if entry is not None:
                 pids = self.proxy_pids(entry)
             else:
-                pids = _holders(pod.netns, set(_listening_inodes_in(pod.netns, pod.config.inbound_port)))
+                pids = _holders(pod.netns, set(dp_listeners.listening_inodes(pod.netns, pod.config.inbound_port)))
             if not pids:
                 raise UpgradeError(f"no proxy process holds the listeners of pod {pod.name or pod.key}")
             current = pids[-1]  # the newest generation is the one to copy and to replace
@@ -311,18 +312,18 @@ class AgentLauncher(flows.ProxyLauncher):
 
 def _reacquire(pod: PodNet, ipv6: bool) -> PodListeners | None:
     """The listeners a running proxy holds on the pod's ports (after an agent restart), or None."""
-    groups = dp_listeners.pids_by_netns()
+    index = dp_listeners.ProcessIndex()
     taken: dict[str, socket.socket] = {}
     try:
         for spec in specs_for(pod.config, ipv6):
-            fds = dp_listeners.take_listeners(pod.netns, spec.port, groups)
+            fds = dp_listeners.take_listeners(pod.netns, spec.port, index)
             fd = fds.pop(spec.family, None)
             for other in fds.values():
                 os.close(other)
             if fd is None:
                 break
             taken[spec.name] = socket.socket(fileno=fd)
-    except (OSError, HandoffError) as exc:
+    except (OSError, HandoffError, SysError) as exc:  # SysError: the netns went away meanwhile
         log.warning("pod %s: cannot re-acquire its listeners: %s", pod.name or pod.key, exc)
     if set(taken) != {s.name for s in specs_for(pod.config, ipv6)}:
         for s in taken.values():
@@ -331,19 +332,13 @@ def _reacquire(pod: PodNet, ipv6: bool) -> PodListeners | None:
     return PodListeners(pod.name or pod.key, pod.netns, {n: taken[n] for n in (OUTBOUND, INBOUND, INBOUND6) if n in taken})
 
 
-def _listening_inodes_in(netns_path: str, port: int) -> dict[int, int]:
-    for pid in dp_listeners._pids_in_netns(netns_path):
-        found = dp_listeners._listening_inodes(pid, port)
-        if found:
-            return found
-    return {}
-
-
 def _holders(netns_path: str, inodes: set[int]) -> list[int]:
     """Pids of the netns (not us) with an fd on one of `inodes`, oldest first by start time."""
     me = os.getpid()
     found = []
-    for pid in dp_listeners._pids_in_netns(netns_path):
+    if not inodes:
+        return []
+    for pid in dp_listeners.ProcessIndex().pids_in(netns_path):
         # a stopped (T) proxy is one a crash flow is killing right now
         if pid != me and proc.socket_inodes(pid) & inodes and proc.state(pid) not in (None, "Z", "X", "T"):
             found.append(pid)
@@ -352,15 +347,11 @@ def _holders(netns_path: str, inodes: set[int]) -> list[int]:
 
 def _holds_a_listener(pid: int) -> bool:
     """Has `pid` itself (not just its netns) a listening TCP socket among its fds?"""
-    listening = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{name}", encoding="ascii") as f:
-                next(f)
-                listening |= {int(line.split()[9]) for line in f if line.split()[3] == "0A"}
-        except (OSError, StopIteration):
-            continue
-    return bool(listening & proc.socket_inodes(pid))
+    try:
+        listening = dp_listeners.listening_inodes_of(pid)
+    except SysError:  # the process is gone
+        return False
+    return bool(listening.keys() & proc.socket_inodes(pid))
 
 
 def _in_event_loop(pid: int) -> bool:

@@ -208,22 +208,9 @@ def adopt_from_pid(pid: int, port: int) -> dict[int, int]:
     listener is taken, not the old one's. The caller owns the fds (the SOCKMAP keeps its own reference, so
     close them after registering). Raises HandoffError when the process holds no such listener.
     """
-    # The inode scan and pidfd_getfd live in meshcni.datapath.listeners; reused here for one given pid.
-    inodes = dp_listeners._listening_inodes(pid, port)
-    taken: dict[int, int] = {}
     try:
-        for fd_name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd_name}")
-            except OSError:
-                continue
-            if not target.startswith("socket:["):
-                continue
-            family = inodes.get(int(target[8:-1]))
-            if family is not None and family not in taken:
-                taken[family] = dp_listeners._pidfd_getfd(pid, int(fd_name))
+        taken = dp_listeners.take_from_pid(pid, dp_listeners.listening_inodes_of(pid, port))
     except (OSError, SysError) as exc:
-        protocol.close_fds(taken.values())
         raise HandoffError(f"cannot take the listeners of pid {pid} on port {port}: {exc}") from exc
     if not taken:
         raise HandoffError(f"pid {pid} does not listen on port {port}")
