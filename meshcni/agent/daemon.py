@@ -149,6 +149,8 @@ class Agent:
             self.policy.close()
         if self.core is not None and self.core.proxies is not None:
             self.core.proxies.close()  # our copies only: the proxies keep serving, the next agent re-acquires
+        if self.core is not None:
+            self.core.registry.close()
         if self.datapath:
             self.datapath.close()  # closes our fds only; programs, links and maps stay pinned
         if self._lock_fd is not None:

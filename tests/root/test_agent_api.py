@@ -18,6 +18,7 @@ pytestmark = pytest.mark.root
 bcc = pytest.importorskip("bcc")
 
 from meshcni.agent.client import AgentCallError  # noqa: E402
+from meshcni.agent.registry import JOURNAL, read_journal  # noqa: E402
 from meshcni.datapath.ebpf import EbpfDatapath  # noqa: E402
 from tests.root.agent_env import AgentEnv  # noqa: E402
 
@@ -45,6 +46,13 @@ def maps_snapshot(env: AgentEnv) -> dict[str, int]:
         return {name: dp.map_entries(name) for name in MAP_NAMES}
     finally:
         dp.close()
+
+
+def registry_on_disk(env: AgentEnv) -> dict:
+    """The pods a restarted agent would re-adopt: the registry journal as the agent left it on disk."""
+    records, _, problems = read_journal(env.state_dir / JOURNAL)
+    assert problems == []
+    return records
 
 
 def test_status_reports_a_loaded_datapath(env):
@@ -121,7 +129,7 @@ def test_bad_requests_change_nothing(env, fields, code):
             assert info.value.code == code, info.value.message
             assert c.list_pods() == []
         assert maps_snapshot(env) == before
-        assert list((env.state_dir / "pods").glob("*.json")) == []
+        assert registry_on_disk(env) == {}
     finally:
         env.delete_netns(ns)
 
@@ -172,7 +180,7 @@ def test_100_concurrent_adds_and_dels_leave_registry_and_maps_consistent(env):
             enrolled = dp.enrolled()
             assert sorted(enrolled.values()) == sorted(p["slot"] for p in listed.values())  # no leaked slot
             assert dp.map_entries("mcni_pod_ips_v1") == 10
-            assert len(list((env.state_dir / "pods").glob("*.json"))) == 10
+            assert set(registry_on_disk(env)) == set(listed)
             links = [p.name for p in dp.pins.links.iterdir() if p.name.startswith("sk_lookup-netns-")]
             assert len(links) == 10
         finally:
