@@ -12,6 +12,11 @@
  * blocking application may not survive (see "Splicing" in docs/architecture.md); the app's sockets too only
  * with MCNI_F_SPLICE_APP. The proxy's outgoing sockets are recognised here at TCP_CONNECT_CB, its accepted
  * ones by sk_lookup; both are recorded in mcni_proxy_ends_v1 until ESTABLISHED.
+ *
+ * At TCP_LISTEN_CB (inside listen(2)) a socket the pod's proxy starts listening on the inbound capture port
+ * goes straight into the pod's slot of mcni_listeners_v1: inbound capture starts the moment the sidecar can
+ * accept, with no window in which SYNs to the pod bypass it and no agent polling for the listener. The
+ * agent still looks for listeners that existed before the pod was enrolled.
  */
 #include "meshcni.h"
 
@@ -131,6 +136,21 @@ static __always_inline void mcni_established(struct bpf_sock_ops *skops, const s
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+/* The pod's proxy (by uid or gid, as for outbound) listens on the inbound port: register the socket where
+ * sk_lookup takes it from. An IPv6 socket takes the second entry of the slot, as the agent registers them.
+ * Overwriting is right: the newest listener (a proxy restarted or reloaded) is the one that accepts. */
+static __always_inline void mcni_listening(struct bpf_sock_ops *skops, const struct mcni_pod *pod)
+{
+	if (!(pod->flags & MCNI_F_CAPTURE_INBOUND) || (__u16)skops->local_port != pod->inbound_port)
+		return;
+	if (!mcni_is_proxy_task(pod))
+		return; /* the app may not claim the pod's inbound traffic by listening on the proxy's port */
+	__u32 idx = pod->slot * 2 + (skops->family == AF_INET6 ? 1 : 0);
+	long rc = mcni_listeners_v1.sock_map_update(skops, &idx, BPF_ANY);
+	if (rc != 0)
+		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
+}
+
 /* A socket we asked state callbacks for is closing: a captured app socket whose connect failed (still in
  * SYN_SENT: no proxy end can exist, so its record goes), or a spliced socket (its no-splice mark goes). */
 static __always_inline void mcni_closed(struct bpf_sock_ops *skops, __u64 netns)
@@ -149,7 +169,8 @@ int mcni_sockops(struct bpf_sock_ops *skops)
 	 * init, ECN, RTT, every state change of a flagged socket): answer those before any map lookup. */
 	__u32 op = skops->op;
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB &&
+	    op != BPF_SOCK_OPS_TCP_LISTEN_CB)
 		return 1;
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return 1;
@@ -168,6 +189,8 @@ int mcni_sockops(struct bpf_sock_ops *skops)
 	}
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB)
 		mcni_connecting(skops, pod, netns);
+	else if (op == BPF_SOCK_OPS_TCP_LISTEN_CB)
+		mcni_listening(skops, pod);
 	else
 		mcni_established(skops, pod, netns, op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB);
 	return 1;

@@ -195,8 +195,19 @@ BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, __u8, mcni_proxy_ends_v1, MCNI_M
  * would read spliced bytes ahead of bytes still queued in TCP (the peer's receive path reads the sk_msg
  * queue first). Cleared when the socket closes; LRU bounds it if a close is missed. */
 BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, __u8, mcni_nosplice_v1, MCNI_MAX_CONNS, MCNI_PIN(mcni_nosplice_v1));
-/* slot*2 + (IPv6 ? 1 : 0) -> the proxy's inbound listening socket, for sk_lookup. */
-BPF_TABLE_PINNED("sockmap", __u32, __u64, mcni_listeners_v1, MCNI_MAX_PODS * 2, MCNI_PIN(mcni_listeners_v1));
+/* slot*2 + (IPv6 ? 1 : 0) -> the proxy's inbound listening socket, for sk_lookup; written by the agent and,
+ * when the proxy calls listen(), by sockops. Spelled out like mcni_socks_v1 for the sock_map_update member. */
+struct mcni_listeners_v1_table_t {
+	__u32 key;
+	__u64 leaf;
+	__u64 *(*lookup)(__u32 *);
+	int (*update)(__u32 *, __u64 *);
+	int (*delete)(__u32 *);
+	int (*sock_map_update)(void *, void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/sockmap:" MCNI_PIN(mcni_listeners_v1))))
+struct mcni_listeners_v1_table_t mcni_listeners_v1 = { .max_entries = MCNI_MAX_PODS * 2 };
 /* slot -> counters. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct mcni_counters, mcni_counters_v1, MCNI_MAX_PODS,
                  MCNI_PIN(mcni_counters_v1));

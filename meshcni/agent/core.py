@@ -51,6 +51,10 @@ CNI_NOT_CAPTURED = 101
 # node fills up.
 SCAN_PER_TICK = 32
 SEARCH_PER_TICK = 8
+# A proxy's listen() registers its listener itself (sockops, bpf/sockops.c), so the agent's search is only the
+# safety net for listeners that existed before enrolment or live outside the attached cgroup: a pod that
+# still has none is searched again after 0.5 s, 1 s, 2 s, ... and then every 30 s.
+SEARCH_BACKOFF_MAX = 30.0
 
 
 class AgentError(Exception):
@@ -389,7 +393,7 @@ class AgentCore:
                           key=lambda r: r.slot)
         registered = [r for r in captured if r.listener == "registered"]
         # Waiting pods whose back-off expired, the shortest back-off first: a pod whose proxy is just starting
-        # is found within a tick or two even when many pods without a proxy wait at the 5 s cap.
+        # is found within a tick or two even when many pods without a proxy wait at the back-off cap.
         waiting = [(self._next_search.get(r.container_id, (0.0, 0.0)), r) for r in captured
                    if r.listener != "registered"]
         due = sorted(((backoff, at, r) for (at, backoff), r in waiting if now >= at),
@@ -430,7 +434,8 @@ class AgentCore:
             except (SysError, OSError) as exc:
                 log.warning("pod %s: looking for the proxy listener: %s", record.display_name, exc)
             if not fds:
-                delay = min(max(self._next_search.get(record.container_id, (0.0, 0.25))[1] * 2, 0.5), 5.0)
+                delay = min(max(self._next_search.get(record.container_id, (0.0, 0.25))[1] * 2, 0.5),
+                            SEARCH_BACKOFF_MAX)
                 self._next_search[record.container_id] = (now + delay, delay)
                 continue
             try:
@@ -509,7 +514,7 @@ class AgentCore:
         record.phase = "captured"
         if mode is not Mode.EBPF:
             record.slot = -1
-        record.listener = self._listener_state(record) if mode is Mode.EBPF else "none"
+        record.listener = self.listener_state(record) if mode is Mode.EBPF else "none"
         self._persist(record)
         log.info("pod %s captured: mode %s (%s)", record.display_name, mode.value, source)
 
@@ -541,7 +546,9 @@ class AgentCore:
             return [f"{mode.value} release: {exc}"]
         return []
 
-    def _listener_state(self, record: PodRecord) -> str:
+    def listener_state(self, record: PodRecord) -> str:
+        """Whether the pod's inbound listener is in the SOCKMAP now (the kernel registers a proxy's own
+        listen() at once, so the record's copy, refreshed by the tick, can lag behind)."""
         slot = self.slot_of(record)
         if slot is None:
             return "none"

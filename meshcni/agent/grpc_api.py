@@ -34,7 +34,7 @@ def pod_message(core: AgentCore, record: PodRecord) -> pb.Pod:
         pod_name=record.pod_name, pod_namespace=record.pod_namespace, pod_uid=record.pod_uid,
         ips=record.ips, mode=record.mode, mode_source=record.mode_source,
         captured=record.phase == "captured" and record.mode != "off",
-        slot=-1 if slot is None else slot, listener=record.listener,
+        slot=-1 if slot is None else slot, listener=core.listener_state(record),
         config_json=json.dumps(record.config, sort_keys=True), added_at=record.added_at,
     )
 

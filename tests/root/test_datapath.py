@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshcni.config import PodConfig
+from meshcni.datapath import layout as L
 from meshcni.datapath.ebpf import EbpfDatapath
 from meshcni.datapath.interceptor import PodNet
 from meshcni.sys import cgroup, proc
@@ -272,6 +273,34 @@ def test_double_enrol_is_a_no_op_and_a_missing_netns_is_refused_cleanly(node, po
     with pytest.raises(NamespaceNotFound):
         dp.capture(not_a_netns)
     assert {n: dp.map_entries(n) for n in entries} == entries
+
+
+def test_the_proxys_listen_registers_its_inbound_listener_in_the_kernel(node, pods):
+    """No agent runs here: an entry in the pod's SOCKMAP slot can only come from the sockops program."""
+    dp = node["dp"]
+    pods.app("b")
+    pod_b = pods.podnet("b")
+    slot = dp.capture(pod_b)  # nothing listens on 15006 yet
+    registered = lambda: dp.maps["mcni_listeners_v1"].lookup(L.U32(slot * 2)) is not None  # noqa: E731
+    assert not registered()
+
+    pods.start("b", APP_UID, "squatter=0.0.0.0:15006")  # the app may not claim the pod's inbound traffic
+    assert not registered()
+    proc.stop(pods.procs.pop(), grace=1)
+
+    pods.start("b", PROXY_UID, "elsewhere=0.0.0.0:15007")  # the proxy, on another port
+    assert not registered()
+    pods.sidecar("b", forward=False)
+    assert registered()
+    assert pods.connect("a", pods.ip["b"], 8080)["server"]["server"] == "inbound"
+
+    proc.stop(pods.procs.pop(), grace=1)  # the proxy goes: the kernel drops its socket from the map
+    assert not registered()
+    assert pods.connect("a", pods.ip["b"], 8080)["server"]["server"] == "app8080"
+    pods.sidecar("b", forward=False)  # its successor is registered by its own listen()
+    assert registered()
+    assert pods.connect("a", pods.ip["b"], 8080)["server"]["server"] == "inbound"
+    assert dp.counters(pod_b)["errors"] == 0
 
 
 def test_loading_twice_never_duplicates_an_attachment(node):
