@@ -208,9 +208,8 @@ class EbpfDatapath:
         if cookie is not None:
             self.maps["mcni_pods_v1"].delete(L.U64(cookie))  # first: outbound capture stops here
             loader.remove_link(self.pins.netns_link(cookie), "sk_lookup")
-        for key, value in self.maps["mcni_pod_ips_v1"].items():
-            if value.value == slot:
-                self.maps["mcni_pod_ips_v1"].delete(key)
+        slot_bytes = bytes(L.U32(slot))
+        self.maps["mcni_pod_ips_v1"].delete_where(lambda _ip, owner: owner == slot_bytes)
         self._clear_slot(slot)
         return True
 
@@ -343,10 +342,10 @@ class EbpfDatapath:
                 written.append(("mcni_cidrs_v1", key))
 
     def _clear_policy(self, slot: int) -> None:
-        for name in ("mcni_ports_v1", "mcni_cidrs_v1"):
-            for key in self.maps[name].keys():
-                if key.slot == slot:
-                    self.maps[name].delete(key)
+        slot_bytes = bytes(L.U32(slot))
+        for name, key_type in (("mcni_ports_v1", L.PortKey), ("mcni_cidrs_v1", L.CidrKey)):
+            at = key_type.slot.offset
+            self.maps[name].delete_where(lambda key, _action: key[at:at + 4] == slot_bytes)
 
     def _clear_slot(self, slot: int) -> None:
         self._clear_policy(slot)

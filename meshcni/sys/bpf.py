@@ -198,33 +198,39 @@ class RawMap:
         return True
 
     def keys(self) -> list:
-        batch = self._batch_items()
-        if batch is not None:
-            return [k for k, _ in batch]
-        return self._keys_one_by_one()
+        return [self.key_type.from_buffer_copy(k) for k, _ in self._raw_entries()]
 
     def items(self) -> list:
         """Every (key, value): a few BPF_MAP_LOOKUP_BATCH calls where the map type has them (hash and array
-        maps), otherwise one lookup per key. A scan of a map shared by all pods then costs syscalls per
-        batch, not per entry, which keeps a pod's release cheap on a full node."""
-        batch = self._batch_items()
-        if batch is not None:
-            return batch
-        result = []
-        for k in self._keys_one_by_one():
-            v = self.lookup(k)
-            if v is not None:
-                result.append((k, v))
-        return result
+        maps), otherwise one lookup per key."""
+        return [(self.key_type.from_buffer_copy(k), self.value_type.from_buffer_copy(v))
+                for k, v in self._raw_entries()]
 
-    def _batch_items(self) -> list | None:
-        """All entries by batch lookup; None when the kernel has no batch operation for this map type."""
+    def delete_where(self, match) -> int:
+        """Delete every entry for which `match(key_bytes, value_bytes)` is true; returns how many.
+
+        The scan reads raw bytes, batch by batch, and builds no ctypes object per entry: sweeping a map that
+        all pods share (a pod's release) then costs a few syscalls and feeds the garbage collector nothing
+        (thousands of short-lived ctypes objects per release had the agent running full collections).
+        """
+        doomed = [k for k, v in self._raw_entries() if match(k, v)]
+        deleted = 0
+        key = ctypes.create_string_buffer(ctypes.sizeof(self.key_type))
+        for raw in doomed:
+            ctypes.memmove(key, raw, len(raw))
+            rc = _lib().bpf_map_delete_elem(self.fd, key)
+            if rc == -errno_mod.ENOENT:
+                continue  # gone meanwhile
+            _check(rc, f"delete from {self.name}")
+            deleted += 1
+        return deleted
+
+    def _raw_entries(self):
+        """(key bytes, value bytes) of every entry: batch lookups, or key by key where the type has none."""
         ksz, vsz = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
         keys = ctypes.create_string_buffer(ksz * _BATCH)
         values = ctypes.create_string_buffer(vsz * _BATCH)
-        # the position token is opaque (a bucket index for hash maps, a key for arrays): key-sized is enough
         token_in, token_out = ctypes.create_string_buffer(max(ksz, 8)), ctypes.create_string_buffer(max(ksz, 8))
-        out: list = []
         first = True
         while True:
             count = ctypes.c_uint32(_BATCH)
@@ -233,28 +239,35 @@ class RawMap:
             err = -rc if rc != -1 else ctypes.get_errno()
             if rc < 0 and err != errno_mod.ENOENT:
                 if first and err in (errno_mod.EINVAL, errno_mod.EOPNOTSUPP, _ENOTSUPP):
-                    return None
+                    yield from self._raw_entries_one_by_one()
+                    return
                 _check(rc, f"iterate {self.name}")
-            for i in range(count.value):
-                out.append((self.key_type.from_buffer_copy(keys, i * ksz),
-                            self.value_type.from_buffer_copy(values, i * vsz)))
+            n = count.value
+            kraw, vraw = keys.raw[: n * ksz], values.raw[: n * vsz]
+            for i in range(n):
+                yield kraw[i * ksz:(i + 1) * ksz], vraw[i * vsz:(i + 1) * vsz]
             if rc < 0:  # ENOENT: that was the last batch
-                return out
+                return
             ctypes.memmove(token_in, token_out, len(token_in))
             first = False
 
-    def _keys_one_by_one(self) -> list:
-        out = []
-        prev = None
+    def _raw_entries_one_by_one(self):
+        ksz = ctypes.sizeof(self.key_type)
+        prev, nxt = ctypes.create_string_buffer(ksz), ctypes.create_string_buffer(ksz)
+        value = self.value_type()
+        first = True
         while True:
-            nxt = self.key_type()
-            rc = _lib().bpf_map_get_next_key(self.fd, ctypes.byref(prev) if prev is not None else None,
-                                             ctypes.byref(nxt))
+            rc = _lib().bpf_map_get_next_key(self.fd, None if first else prev, nxt)
             if rc == -errno_mod.ENOENT:
-                return out
+                return
             _check(rc, f"iterate {self.name}")
-            out.append(nxt)
-            prev = nxt
+            first = False
+            ctypes.memmove(prev, nxt, ksz)
+            rc = _lib().bpf_map_lookup_elem(self.fd, nxt, ctypes.byref(value))
+            if rc == -errno_mod.ENOENT:
+                continue  # deleted between the two calls
+            _check(rc, f"lookup in {self.name}")
+            yield nxt.raw, bytes(value)
 
     def close(self) -> None:
         if self._owns_fd and self.fd >= 0:

@@ -1,11 +1,13 @@
 """RawMap's scans against real kernel maps: batch lookups across several batches return exactly what was
-written (keys, values, no duplicates), for the hash maps the datapath scans on release and for the per-CPU
-array the counters live in. The maps are anonymous: closing the fd frees them, nothing is pinned."""
+written (keys, values, no duplicates), for the hash maps the datapath sweeps on release, the per-CPU array
+the counters live in and a SOCKMAP (no batch lookup: key by key). The maps are anonymous: closing the fd frees
+them, nothing is pinned; the SOCKMAP's sockets only listen on loopback."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import socket
 
 import pytest
 
@@ -14,7 +16,7 @@ from meshcni.sys import bpf
 
 pytestmark = pytest.mark.root
 
-MAP_HASH, MAP_PERCPU_ARRAY = 1, 6
+MAP_HASH, MAP_PERCPU_ARRAY, MAP_SOCKMAP = 1, 6, 15
 
 
 class Key(ctypes.Structure):
@@ -56,6 +58,39 @@ def test_deleting_one_slots_entries_by_scan_leaves_the_others(hash_map):
             hash_map.delete(key)
     assert sorted({k.slot for k in hash_map.keys()}) == [0, 2]
     assert len(hash_map.items()) == 400
+
+
+def test_delete_where_sweeps_one_slot_across_batches_by_key_or_by_value(hash_map):
+    for slot in range(4):
+        for port in range(300):  # 1,200 entries: five batches
+            hash_map.update(Key(slot=slot, port=port, dir=0), ctypes.c_uint32(slot))
+    slot2 = bytes(ctypes.c_uint32(2))
+    assert hash_map.delete_where(lambda key, _v: key[:4] == slot2) == 300
+    assert hash_map.delete_where(lambda _k, value: value == bytes(ctypes.c_uint32(3))) == 300
+    assert hash_map.delete_where(lambda key, _v: key[:4] == slot2) == 0
+    assert sorted({k.slot for k in hash_map.keys()}) == [0, 1]
+    assert len(hash_map.items()) == 600
+
+
+def test_delete_where_works_on_a_map_type_without_batch_lookups():
+    """A SOCKMAP (the listeners map) has no batch lookup: the scan goes key by key and skips empty indexes."""
+    fd = rawbpf.map_create(MAP_SOCKMAP, 4, 8, 8, name="mcni_t_sockmap")
+    m = bpf.RawMap(fd, "mcni_t_sockmap", ctypes.c_uint32, ctypes.c_uint64)
+    listeners = []
+    try:
+        for index in (1, 3, 6):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            listeners.append(s)
+            m.update(ctypes.c_uint32(index), ctypes.c_uint64(s.fileno()))
+        assert sorted(k.value for k in m.keys()) == [1, 3, 6]
+        assert m.delete_where(lambda key, _cookie: key == bytes(ctypes.c_uint32(3))) == 1
+        assert sorted(k.value for k in m.keys()) == [1, 6]
+    finally:
+        m.close()
+        for s in listeners:
+            s.close()
 
 
 def test_per_cpu_values_come_back_per_cpu():
