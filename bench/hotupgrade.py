@@ -7,10 +7,10 @@ sidecar and b's inbound sidecar (eBPF capture both ways), and pod b's HAProxy is
 - meshcni-graceful: `meshcni proxy upgrade lab/b` (the agent's UpgradeProxy): a new HAProxy through
   proxy-exec on the agent's sockets, the old one SIGUSR1 (soft stop)
 - meshcni-sigkill: `meshcni proxy upgrade --kill`: SIGKILL, start again; the held listeners never close
-- naive-restart: HAProxy binding its own listeners, SIGKILL and start again; the agent registers the new
-  listener in the SOCKMAP when its tick notices the old one is gone
-- haproxy-master-worker: `haproxy -W` binding its own listeners, reloaded by SIGUSR2 to the master; the
-  agent's tick re-registers the new worker's listener the same way
+- naive-restart: HAProxy binding its own listeners, SIGKILL and start again; the new listener registers
+  itself in the SOCKMAP at listen() (bpf/sockops.c), so what fails is what arrives while no proxy exists
+- haproxy-master-worker: `haproxy -W` binding its own listeners, reloaded by SIGUSR2 to the master; the new
+  worker's listener registers itself the same way
 A request counts as failed if the app gets no complete 200 from pod b's nginx through b's proxy. Pod a's
 proxy retries a request whose upstream connection failed or closed before any answer (Istio's default retry
 policy does the same); how often it did is reported as `client retries`.
@@ -82,8 +82,7 @@ def main() -> int:
     ap.add_argument("--pause", type=float, default=1.0, help="seconds of load between two restarts")
     args = ap.parse_args()
     # One second of load between restarts in every scenario, so each restart meets a full stream of new
-    # connections, and the self-binding ones give the agent's tick (0.5 s) time to re-register the new
-    # listener: what an operator restarting a proxy by hand would see at best.
+    # connections: what an operator restarting a proxy by hand would see at best.
     rows = [
         scenario("meshcni-graceful", {}, args.graceful, graceful_step, pause=args.pause),
         scenario("meshcni-sigkill", {}, args.kills, sigkill_step, pause=args.pause),
