@@ -198,7 +198,8 @@ class RawMap:
         return True
 
     def keys(self) -> list:
-        return [self.key_type.from_buffer_copy(k) for k, _ in self._raw_entries()]
+        # without values: a SOCKHASH/SOCKMAP with a 4-byte value cannot be read from user space (ENOSPC)
+        return [self.key_type.from_buffer_copy(k) for k, _ in self._raw_entries(with_values=False)]
 
     def items(self) -> list:
         """Every (key, value): a few BPF_MAP_LOOKUP_BATCH calls where the map type has them (hash and array
@@ -225,8 +226,9 @@ class RawMap:
             deleted += 1
         return deleted
 
-    def _raw_entries(self):
-        """(key bytes, value bytes) of every entry: batch lookups, or key by key where the type has none."""
+    def _raw_entries(self, with_values: bool = True):
+        """(key bytes, value bytes) of every entry: batch lookups, or key by key where the type has none
+        (there, `with_values=False` skips the per-key lookup and yields empty values)."""
         ksz, vsz = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
         keys = ctypes.create_string_buffer(ksz * _BATCH)
         values = ctypes.create_string_buffer(vsz * _BATCH)
@@ -239,7 +241,7 @@ class RawMap:
             err = -rc if rc != -1 else ctypes.get_errno()
             if rc < 0 and err != errno_mod.ENOENT:
                 if first and err in (errno_mod.EINVAL, errno_mod.EOPNOTSUPP, _ENOTSUPP):
-                    yield from self._raw_entries_one_by_one()
+                    yield from self._raw_entries_one_by_one(with_values)
                     return
                 _check(rc, f"iterate {self.name}")
             n = count.value
@@ -251,7 +253,7 @@ class RawMap:
             ctypes.memmove(token_in, token_out, len(token_in))
             first = False
 
-    def _raw_entries_one_by_one(self):
+    def _raw_entries_one_by_one(self, with_values: bool):
         ksz = ctypes.sizeof(self.key_type)
         prev, nxt = ctypes.create_string_buffer(ksz), ctypes.create_string_buffer(ksz)
         value = self.value_type()
@@ -263,6 +265,9 @@ class RawMap:
             _check(rc, f"iterate {self.name}")
             first = False
             ctypes.memmove(prev, nxt, ksz)
+            if not with_values:
+                yield nxt.raw, b""
+                continue
             rc = _lib().bpf_map_lookup_elem(self.fd, nxt, ctypes.byref(value))
             if rc == -errno_mod.ENOENT:
                 continue  # deleted between the two calls
