@@ -12,6 +12,7 @@ step fails: a pod is either fully captured or not at all.
 from __future__ import annotations
 
 import ctypes
+import contextlib
 import errno
 import os
 import socket
@@ -82,9 +83,24 @@ class EbpfDatapath:
         target = Path(cgroup) if cgroup else cgroups.unified_root()
         loader.check_bpffs(pin_dir)
         pins = loader.Pins(pin_dir)
+        fresh = not pin_dir.exists()
         pins.make_dirs()
-        cg_fd = cgroups.open_dir(target)
-        module, prog_fds = loader.compile_programs(pin_dir, max_pods=max_pods)
+        try:
+            cg_fd = cgroups.open_dir(target)
+            try:
+                module, prog_fds = loader.compile_programs(pin_dir, max_pods=max_pods)
+            except BaseException:
+                os.close(cg_fd)
+                raise
+        except BaseException:
+            if fresh:  # the directory is ours: leave nothing behind (maps bcc pinned before it failed included)
+                for name in [*_MAPS, "mcni_counters_v1"]:
+                    with contextlib.suppress(OSError):
+                        (pin_dir / name).unlink()
+                for d in (pins.links, pins.progs, pin_dir):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            raise
         try:
             for hook in loader.HOOKS:
                 loader.pin_program(pins, hook.name, prog_fds[hook.name])

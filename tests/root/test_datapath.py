@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -19,10 +20,11 @@ import pytest
 
 from meshcni.config import PodConfig
 from meshcni.datapath import layout as L
+from meshcni.datapath import loader
 from meshcni.datapath.ebpf import EbpfDatapath
 from meshcni.datapath.interceptor import PodNet
 from meshcni.sys import cgroup, proc
-from meshcni.sys.errors import NamespaceNotFound
+from meshcni.sys.errors import BpfError, NamespaceNotFound
 
 pytestmark = pytest.mark.root
 
@@ -301,6 +303,25 @@ def test_the_proxys_listen_registers_its_inbound_listener_in_the_kernel(node, po
     assert registered()
     assert pods.connect("a", pods.ip["b"], 8080)["server"]["server"] == "inbound"
     assert dp.counters(pod_b)["errors"] == 0
+
+
+def test_a_load_that_fails_to_compile_leaves_nothing_behind(tmp_path, monkeypatch):
+    broken = tmp_path / "bpf"
+    shutil.copytree(loader.BPF_DIR, broken)
+    (broken / "sockops.c").write_text((broken / "sockops.c").read_text() + "\nthis is not C;\n")
+    monkeypatch.setattr(loader, "BPF_DIR", broken)
+    tag = uuid.uuid4().hex[:8]
+    cg = cgroup.ensure(cgroup.unified_root() / f"meshcni-test-{tag}")
+    pin_dir = Path(f"/sys/fs/bpf/meshcni-test-{tag}")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(BpfError, match="compiling"):
+            EbpfDatapath.load(pin_dir, cgroup=cg)
+        assert not pin_dir.exists()
+        assert len(os.listdir("/proc/self/fd")) == fds_before  # the cgroup's fd is closed too
+    finally:
+        cgroup.remove(cg)
+        shutil.rmtree(pin_dir, ignore_errors=True)  # only if the load under test left it
 
 
 def test_loading_twice_never_duplicates_an_attachment(node):
