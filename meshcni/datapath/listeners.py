@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from meshcni.sys import netns, sockdiag
+from meshcni.sys import netns, proc, sockdiag
 from meshcni.sys.errors import SysError
 
 _SYS_PIDFD_GETFD = 438
@@ -87,22 +87,12 @@ def take_from_pid(pid: int, inodes: dict[int, int]) -> dict[int, int]:
     simply yields fewer (another process of the pod may hold the same socket).
     """
     taken: dict[int, int] = {}
-    try:
-        fd_names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return taken
-    for fd_name in fd_names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd_name}")
-        except OSError:
-            continue
-        if not target.startswith("socket:["):
-            continue
-        family = inodes.get(int(target[8:-1]))
+    for fd, inode in proc.socket_fds(pid).items():
+        family = inodes.get(inode)
         if family is None or family in taken:
             continue
         try:
-            taken[family] = pidfd_getfd(pid, int(fd_name))
+            taken[family] = pidfd_getfd(pid, fd)
         except (SysError, ProcessLookupError):
             continue
     return taken

@@ -269,9 +269,9 @@ def _cgroup_pids(p: Path) -> list[int]:
         raise
 
 
-def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process `pid` has open (empty when it is gone or not ours to look at)."""
-    found: set[int] = set()
+def socket_fds(pid: int) -> dict[int, int]:
+    """fd -> socket inode of the sockets process `pid` has open (empty when it is gone or not ours to look at)."""
+    found: dict[int, int] = {}
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -282,8 +282,13 @@ def socket_inodes(pid: int) -> set[int]:
         except OSError:
             continue
         if target.startswith("socket:["):
-            found.add(int(target[8:-1]))
+            found[int(n)] = int(target[8:-1])
     return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` has open."""
+    return set(socket_fds(pid).values())
 
 
 def listening_ports(pid: int) -> set[tuple[str, int]]:
