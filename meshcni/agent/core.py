@@ -378,9 +378,10 @@ class AgentCore:
         signal for both cases. A tick stays cheap however many pods the node has: a pod still waiting for
         its proxy is looked at only when its back-off expires, at most `SEARCH_PER_TICK` of them per tick,
         and registered pods are re-checked `SCAN_PER_TICK` at a time, round robin (a replaced self-binding
-        proxy is noticed within pods / SCAN_PER_TICK ticks). Pods whose listeners the agent holds need no search at all. The search
-        for a self-binding proxy's socket reads the pod's socket table and walks /proc at most once per
-        tick for all pods (only when some pod has a listener to take), outside the lock.
+        proxy is noticed within pods / SCAN_PER_TICK ticks). Pods whose listeners the agent holds need no
+        search at all. The search for a self-binding proxy's socket asks the pod netns's kernel (sock_diag)
+        and walks /proc at most once per tick for all pods (only when some pod has a listener to take),
+        outside the lock.
         """
         if self.ebpf is None:
             return 0

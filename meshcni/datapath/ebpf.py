@@ -11,8 +11,8 @@ step fails: a pod is either fully captured or not at all.
 
 from __future__ import annotations
 
-import ctypes
 import contextlib
+import ctypes
 import errno
 import os
 import socket
@@ -85,14 +85,13 @@ class EbpfDatapath:
         pins = loader.Pins(pin_dir)
         fresh = not pin_dir.exists()
         pins.make_dirs()
+        cg_fd = None
         try:
             cg_fd = cgroups.open_dir(target)
-            try:
-                module, prog_fds = loader.compile_programs(pin_dir, max_pods=max_pods)
-            except BaseException:
-                os.close(cg_fd)
-                raise
+            module, prog_fds = loader.compile_programs(pin_dir, max_pods=max_pods)
         except BaseException:
+            if cg_fd is not None:
+                os.close(cg_fd)
             if fresh:  # the directory is ours: leave nothing behind (maps bcc pinned before it failed included)
                 for name in [*_MAPS, "mcni_counters_v1"]:
                     with contextlib.suppress(OSError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from meshcni.sys import netns, proc, sockdiag
+from meshcni.sys import proc, sockdiag
 from meshcni.sys.errors import SysError
 
 _SYS_PIDFD_GETFD = 438
@@ -36,12 +36,8 @@ def pidfd_getfd(pid: int, target_fd: int) -> int:
 
 def listening_inodes(netns_path: str | os.PathLike, port: int | None = None) -> dict[int, int]:
     """inode -> address family of the TCP sockets listening in the netns at `netns_path` (on `port` only,
-    when given). The netlink socket that asks is made with this thread inside the netns, which is what
-    scopes the kernel's answer to it: no process of the pod has to be known, or even to exist."""
-    with netns.in_netns(netns_path):
-        diag = sockdiag.open_socket()
-    with diag:
-        return {inode: family for family, _port, inode in sockdiag.listening(diag, port)}
+    when given): no process of the pod has to be known, or even to exist."""
+    return {inode: family for family, _port, inode in sockdiag.listening_in(netns_path, port)}
 
 
 def listening_inodes_of(pid: int, port: int | None = None) -> dict[int, int]:

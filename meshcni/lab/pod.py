@@ -99,7 +99,7 @@ def _sidecar_argv(state: LabState, pod: PodState, conf: Path) -> list[str]:
 def _wait_listening(pod: PodState, name: str, p, ports: set[int], log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        listening = {port for _, port in proc.listening_ports(p.pid)}
+        listening = proc.listening_ports(p.pid)
         if ports <= listening:
             return
         if p.poll() is not None:

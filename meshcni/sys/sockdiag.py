@@ -4,7 +4,7 @@ Why not /proc/net/tcp: that file walks the kernel's *established* hash table too
 whole machine (hundreds of thousands of buckets on a node with memory) and shared by every namespace, so
 one read costs milliseconds even in an empty pod. An inet_diag dump restricted to the LISTEN state walks
 only the listening hash. The answer is about the namespace the netlink socket was *created* in, so callers
-make it inside the pod's netns (see `meshcni.datapath.listeners.listening_inodes`).
+make it inside the pod's netns (`listening_in`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 
+from meshcni.sys import netns
 from meshcni.sys.errors import SysError
 
 NETLINK_SOCK_DIAG = 4
@@ -76,3 +77,12 @@ def open_socket() -> socket.socket:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
     except OSError as exc:
         raise SysError(f"cannot open a sock_diag netlink socket: {exc.strerror}") from exc
+
+
+def listening_in(netns_path: str | os.PathLike, port: int | None = None) -> list[tuple[int, int, int]]:
+    """`listening` for the netns at `netns_path` (a pod's, or /proc/<pid>/ns/net): the netlink socket is made
+    with this thread inside it, which is what scopes the kernel's answer; the thread returns at once."""
+    with netns.in_netns(netns_path):
+        sock = open_socket()
+    with sock:
+        return listening(sock, port)

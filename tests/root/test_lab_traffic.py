@@ -106,7 +106,7 @@ def test_processes_run_in_their_pod_netns_in_the_lab_cgroup_as_the_right_uid(lab
         assert uids["haproxy"] == (1337, 1337)
         assert uids["echo"] == (podproc.APP_UID, podproc.APP_GID)
         assert uids["nginx"] == (0, 0)  # the master binds :80; its workers are nobody
-        listening = {port for _, port in proc.listening_ports(pod.processes["haproxy"].pid)}
+        listening = proc.listening_ports(pod.processes["haproxy"].pid)
         assert set(haproxy.LISTEN_PORTS) | {80, 8080, haproxy.ECHO_PORT} <= listening
 
 
