@@ -49,6 +49,7 @@
 #define MCNI_F_OUTBOUND_ALL_CIDRS (1u << 3)  /* includeOutboundIPRanges: "*" */
 #define MCNI_F_SPLICE             (1u << 4)  /* splice proxy<->proxy pairs on this node with sk_msg */
 #define MCNI_F_SPLICE_APP         (1u << 5)  /* with MCNI_F_SPLICE: the app's own sockets may be spliced too */
+#define MCNI_F_KEYS_COUNTED       (1u << 31) /* user space only: policy_keys and ip_keys are valid */
 
 /* Port and CIDR policy kinds. */
 #define MCNI_DIR_INBOUND  1
@@ -76,7 +77,11 @@ struct mcni_pod {
 	__u32 proxy_gid;
 	__u16 outbound_port; /* host byte order */
 	__u16 inbound_port;  /* host byte order */
-	__u32 _pad;
+	/* User space's bookkeeping, never read here: how many mcni_ports_v1 + mcni_cidrs_v1 keys and how many
+	 * mcni_pod_ips_v1 keys the slot owns, valid with MCNI_F_KEYS_COUNTED. A release deletes exactly those
+	 * keys instead of scanning maps every pod shares. */
+	__u16 policy_keys;
+	__u16 ip_keys;
 };
 
 /* A connection as seen from one end. netns is the netns cookie when either address is loopback (such
@@ -137,7 +142,9 @@ BPF_TABLE_PINNED("array", __u32, struct mcni_pod, mcni_pod_config_v1, MCNI_MAX_P
 BPF_TABLE_PINNED("hash", struct mcni_ip, __u32, mcni_pod_ips_v1, MCNI_MAX_PODS * 4, MCNI_PIN(mcni_pod_ips_v1));
 /* (slot, port, direction) -> MCNI_POLICY_*: include/exclude ports. */
 BPF_TABLE_PINNED("hash", struct mcni_port_key, __u8, mcni_ports_v1, MCNI_MAX_PODS * 16, MCNI_PIN(mcni_ports_v1));
-/* (slot, kind, CIDR) -> 1: include/exclude outbound CIDRs, longest-prefix matched per kind. */
+/* (slot, kind, CIDR) -> the entry's own address prefix length: include/exclude outbound CIDRs, longest-prefix
+ * matched per kind. The programs only test presence; the value lets user space tell an exact match from a
+ * shorter prefix that covers the key. */
 BPF_F_TABLE("lpm_trie:" MCNI_PIN(mcni_cidrs_v1), struct mcni_cidr_key, __u8, mcni_cidrs_v1, MCNI_MAX_PODS * 16,
             BPF_F_NO_PREALLOC);
 /* The original destination of a captured connection travels in three steps, each written before the next

@@ -190,14 +190,19 @@ class EbpfDatapath:
         slot = existing.value if existing is not None else self._free_slot()
         written: list[tuple[str, object]] = []
         link_created = False
+        ips = _ip_keys(pod.ips)
+        # a re-capture rewrites in place; keys an earlier config or IP set left are cleared only if there are any
+        stale_policy, stale_ips = self._stale_keys(slot, pod.config, ips) if existing is not None else (False, False)
         try:
-            self._write_policy(slot, pod.config, written, fresh=existing is None)
-            self._write_config(slot, pod.config, directions)
+            policy_keys = self._write_policy(slot, pod.config, written, clear=stale_policy)
+            if stale_ips:  # IPs the pod no longer has must not keep naming its slot
+                self._clear_ips(slot, keep={bytes(ip) for ip in ips})
+            self._write_config(slot, pod.config, directions, policy_keys, len(ips))
             if existing is None:
                 self._counters.update(L.U32(slot), L.percpu_counters_type()())
-            for ip in pod.ips:
-                self.maps["mcni_pod_ips_v1"].update(L.Ip.of(ip), L.U32(slot))
-                written.append(("mcni_pod_ips_v1", L.Ip.of(ip)))
+            for ip in ips:
+                self.maps["mcni_pod_ips_v1"].update(ip, L.U32(slot))
+                written.append(("mcni_pod_ips_v1", ip))
             if Direction.INBOUND in directions:
                 link_created = self._attach_sk_lookup(pod.netns, cookie)
                 self.register_listener(slot, pod, listener_fds)
@@ -209,7 +214,8 @@ class EbpfDatapath:
             if existing is None:
                 for name, key in written:
                     self.maps[name].delete(key)
-                self._clear_slot(slot)
+                self._clear_policy(slot)
+                self._empty_slot(slot)
                 if link_created:
                     loader.remove_link(self.pins.netns_link(cookie), "sk_lookup")
             raise
@@ -223,9 +229,10 @@ class EbpfDatapath:
         if cookie is not None:
             self.maps["mcni_pods_v1"].delete(L.U64(cookie))  # first: outbound capture stops here
             loader.remove_link(self.pins.netns_link(cookie), "sk_lookup")
-        slot_bytes = bytes(L.U32(slot))
-        self.maps["mcni_pod_ips_v1"].delete_where(lambda _ip, owner: owner == slot_bytes)
-        self._clear_slot(slot)
+        if not self._delete_counted_keys(slot, pod):
+            self._clear_ips(slot)
+            self._clear_policy(slot)
+        self._empty_slot(slot)
         return True
 
     def verify(self, pod: PodNet, directions=BOTH) -> list[str]:
@@ -238,7 +245,9 @@ class EbpfDatapath:
         if slot is None:
             return [f"pod {pod.key} (netns {pod.netns}) is not enrolled"]
         cfg = self.maps["mcni_pod_config_v1"].lookup(L.U32(slot.value))
-        want = _pod_struct(slot.value, pod.config, self.splice, directions)
+        ports, cidrs = _policy_keys(slot.value, pod.config)
+        want = _pod_struct(slot.value, pod.config, self.splice, directions, len(ports) + len(cidrs),
+                           len(_ip_keys(pod.ips)))
         if bytes(cfg) != bytes(want):
             problems.append("the pod's settings in mcni_pod_config_v1 differ from its configuration")
         for ip in pod.ips:
@@ -328,33 +337,66 @@ class EbpfDatapath:
                 return slot
         raise BpfError(f"all {self.max_pods} pod slots are in use", errno.ENOSPC)
 
-    def _write_config(self, slot: int, config: PodConfig, directions=BOTH) -> None:
-        self.maps["mcni_pod_config_v1"].update(L.U32(slot), _pod_struct(slot, config, self.splice, directions))
+    def _write_config(self, slot: int, config: PodConfig, directions, policy_keys: int, ip_keys: int) -> None:
+        self.maps["mcni_pod_config_v1"].update(
+            L.U32(slot), _pod_struct(slot, config, self.splice, directions, policy_keys, ip_keys))
 
-    def _write_policy(self, slot: int, config: PodConfig, written: list, fresh: bool = False) -> None:
-        # replace the slot's policy wholesale: stale entries from an earlier config must not survive.
-        # A fresh slot has none (release clears them), and skipping the scan of every pod's entries keeps
-        # enrolment cost flat as the node fills up.
-        if not fresh:
+    def _write_policy(self, slot: int, config: PodConfig, written: list, clear: bool = False) -> int:
+        """Write the slot's port and CIDR policy; returns how many keys it owns now.
+
+        `clear` first removes every key of the slot (a scan of the maps all pods share), for when an earlier
+        config left keys this one does not name. A fresh slot has none (release removes them).
+        """
+        if clear:
             self._clear_policy(slot)
-        ports = self.maps["mcni_ports_v1"]
-        entries = [(p, L.DIR_INBOUND, L.POLICY_EXCLUDE) for p in config.effective_exclude_inbound_ports]
-        entries += [(p, L.DIR_INBOUND, L.POLICY_INCLUDE) for p in config.include_inbound_ports or ()]
-        entries += [(p, L.DIR_OUTBOUND, L.POLICY_EXCLUDE) for p in config.exclude_outbound_ports]
-        entries += [(p, L.DIR_OUTBOUND, L.POLICY_INCLUDE) for p in config.include_outbound_ports]
-        for port, direction, action in entries:
-            key = L.PortKey(slot=slot, port=port, dir=direction)
-            if direction == L.DIR_INBOUND and action == L.POLICY_INCLUDE and ports.lookup(key) is not None:
-                continue  # an exclusion of the same port wins, as in Istio
-            ports.update(key, L.U8(action))
+        ports, cidrs = _policy_keys(slot, config)
+        for key, action in ports:
+            self.maps["mcni_ports_v1"].update(key, L.U8(action))
             written.append(("mcni_ports_v1", key))
-        cidrs = self.maps["mcni_cidrs_v1"]
-        for kind, nets in ((L.POLICY_EXCLUDE, config.exclude_outbound_cidrs),
-                           (L.POLICY_INCLUDE, config.include_outbound_cidrs or ())):
-            for net in nets:
-                key = L.CidrKey.of(slot, kind, net)
-                cidrs.update(key, L.U8(1))
-                written.append(("mcni_cidrs_v1", key))
+        for key in cidrs:
+            self.maps["mcni_cidrs_v1"].update(key, L.U8(key.prefixlen - L.CIDR_KEY_FIXED_BITS))
+            written.append(("mcni_cidrs_v1", key))
+        return len(ports) + len(cidrs)
+
+    def _stale_keys(self, slot: int, config: PodConfig, ips: list[L.Ip]) -> tuple[bool, bool]:
+        """Whether an enrolled slot owns policy keys, and IP keys, beyond those `config` and `ips` name.
+
+        Answered from the counts in its config entry and one lookup per named key; (True, True) when the
+        entry has no counts (written by an older meshcni), so that the caller scans.
+        """
+        cfg = self.maps["mcni_pod_config_v1"].lookup(L.U32(slot))
+        if cfg is None or not cfg.flags & L.F_KEYS_COUNTED:
+            return True, True
+        ports, cidrs = _policy_keys(slot, config)
+        held = sum(self.maps["mcni_ports_v1"].lookup(key) is not None for key, _action in ports)
+        for key in cidrs:  # a trie lookup finds the longest covering prefix; the value says which one it was
+            found = self.maps["mcni_cidrs_v1"].lookup(key)
+            held += found is not None and found.value == key.prefixlen - L.CIDR_KEY_FIXED_BITS
+        ip_map = self.maps["mcni_pod_ips_v1"]
+        held_ips = sum(1 for ip in ips if (owner := ip_map.lookup(ip)) is not None and owner.value == slot)
+        return held != cfg.policy_keys, held_ips != cfg.ip_keys
+
+    def _delete_counted_keys(self, slot: int, pod: PodNet) -> bool:
+        """Delete the keys the pod's config and IPs name; True when that was every key the slot owned.
+
+        The counts capture recorded in the slot's config entry say how many keys there are. Releasing with
+        the config the pod was captured with (what the agent does) accounts for all of them, and a release
+        then costs a few deletes whatever the number of pods. A different config, or an entry written
+        before the counts existed, returns False and the caller scans.
+        """
+        cfg = self.maps["mcni_pod_config_v1"].lookup(L.U32(slot))
+        if cfg is None or not cfg.flags & L.F_KEYS_COUNTED:
+            return False
+        ports, cidrs = _policy_keys(slot, pod.config)
+        policy = sum(self.maps["mcni_ports_v1"].delete(key) for key, _action in ports)
+        policy += sum(self.maps["mcni_cidrs_v1"].delete(key) for key in cidrs)
+        ips = 0
+        ip_map = self.maps["mcni_pod_ips_v1"]
+        for ip in _ip_keys(pod.ips):
+            owner = ip_map.lookup(ip)
+            if owner is not None and owner.value == slot:  # an IP another pod took over is not ours to delete
+                ips += ip_map.delete(ip)
+        return policy == cfg.policy_keys and ips == cfg.ip_keys
 
     def _clear_policy(self, slot: int) -> None:
         slot_bytes = bytes(L.U32(slot))
@@ -362,8 +404,12 @@ class EbpfDatapath:
             at = key_type.slot.offset
             self.maps[name].delete_where(lambda key, _action: key[at:at + 4] == slot_bytes)
 
-    def _clear_slot(self, slot: int) -> None:
-        self._clear_policy(slot)
+    def _clear_ips(self, slot: int, keep: frozenset[bytes] | set[bytes] = frozenset()) -> None:
+        slot_bytes = bytes(L.U32(slot))
+        self.maps["mcni_pod_ips_v1"].delete_where(lambda ip, owner: owner == slot_bytes and ip not in keep)
+
+    def _empty_slot(self, slot: int) -> None:
+        """Hand the slot back: an empty config marks it free (see _free_slot), its listeners go."""
         self.maps["mcni_pod_config_v1"].update(L.U32(slot), L.Pod())
         self._clear_listeners(slot)
 
@@ -389,7 +435,41 @@ class EbpfDatapath:
         return True
 
 
-def _pod_struct(slot: int, config: PodConfig, splice: bool, directions=BOTH) -> L.Pod:
+def _policy_keys(slot: int, config: PodConfig) -> tuple[list[tuple[L.PortKey, int]], list[L.CidrKey]]:
+    """The slot's port keys (with their action) and CIDR keys for a config, each once.
+
+    What capture writes, verify expects and release deletes all come from here.
+    """
+    ports: dict[bytes, tuple[L.PortKey, int]] = {}
+    entries = [(p, L.DIR_INBOUND, L.POLICY_EXCLUDE) for p in config.effective_exclude_inbound_ports]
+    entries += [(p, L.DIR_INBOUND, L.POLICY_INCLUDE) for p in config.include_inbound_ports or ()]
+    entries += [(p, L.DIR_OUTBOUND, L.POLICY_EXCLUDE) for p in config.exclude_outbound_ports]
+    entries += [(p, L.DIR_OUTBOUND, L.POLICY_INCLUDE) for p in config.include_outbound_ports]
+    for port, direction, action in entries:
+        key = L.PortKey(slot=slot, port=port, dir=direction)
+        if direction == L.DIR_INBOUND and action == L.POLICY_INCLUDE and bytes(key) in ports:
+            continue  # an exclusion of the same port wins, as in Istio
+        ports[bytes(key)] = (key, action)
+    cidrs: dict[bytes, L.CidrKey] = {}
+    for kind, nets in ((L.POLICY_EXCLUDE, config.exclude_outbound_cidrs),
+                       (L.POLICY_INCLUDE, config.include_outbound_cidrs or ())):
+        for net in nets:
+            key = L.CidrKey.of(slot, kind, net)
+            cidrs.setdefault(bytes(key), key)
+    return list(ports.values()), list(cidrs.values())
+
+
+def _ip_keys(ips) -> list[L.Ip]:
+    """The pod's IPs as mcni_pod_ips_v1 keys, each once."""
+    keys: dict[bytes, L.Ip] = {}
+    for ip in ips:
+        key = L.Ip.of(ip)
+        keys.setdefault(bytes(key), key)
+    return list(keys.values())
+
+
+def _pod_struct(slot: int, config: PodConfig, splice: bool, directions=BOTH, policy_keys: int = 0,
+                ip_keys: int = 0) -> L.Pod:
     flags = L.F_SPLICE if splice else 0
     if splice and config.splice_app:
         flags |= L.F_SPLICE_APP
@@ -400,5 +480,9 @@ def _pod_struct(slot: int, config: PodConfig, splice: bool, directions=BOTH) -> 
         flags |= L.F_INBOUND_ALL_PORTS
     if config.include_outbound_cidrs is None:
         flags |= L.F_OUTBOUND_ALL_CIDRS
+    counted = policy_keys <= 0xFFFF and ip_keys <= 0xFFFF  # beyond that a release scans, as before
+    if counted:
+        flags |= L.F_KEYS_COUNTED
     return L.Pod(slot=slot, flags=flags, proxy_uid=config.proxy_uid, proxy_gid=config.proxy_gid,
-                 outbound_port=config.outbound_port, inbound_port=config.inbound_port)
+                 outbound_port=config.outbound_port, inbound_port=config.inbound_port,
+                 policy_keys=policy_keys if counted else 0, ip_keys=ip_keys if counted else 0)

@@ -20,6 +20,7 @@ F_INBOUND_ALL_PORTS = 1 << 2
 F_OUTBOUND_ALL_CIDRS = 1 << 3
 F_SPLICE = 1 << 4  # proxy<->proxy pairs
 F_SPLICE_APP = 1 << 5  # with F_SPLICE: the app's own sockets too
+F_KEYS_COUNTED = 1 << 31  # user space only: Pod.policy_keys and Pod.ip_keys are valid
 
 DIR_INBOUND = 1
 DIR_OUTBOUND = 2
@@ -63,7 +64,8 @@ class Pod(ctypes.Structure):
         ("proxy_gid", ctypes.c_uint32),
         ("outbound_port", ctypes.c_uint16),
         ("inbound_port", ctypes.c_uint16),
-        ("_pad", ctypes.c_uint32),
+        ("policy_keys", ctypes.c_uint16),
+        ("ip_keys", ctypes.c_uint16),
     ]
 
 
@@ -96,6 +98,9 @@ class PortKey(ctypes.Structure):
     ]
 
 
+CIDR_KEY_FIXED_BITS = 64  # CidrKey's slot and kind, matched exactly before the address prefix
+
+
 class CidrKey(ctypes.Structure):
     _fields_ = [
         ("prefixlen", ctypes.c_uint32),
@@ -108,7 +113,7 @@ class CidrKey(ctypes.Structure):
     def of(cls, slot: int, kind: int, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> "CidrKey":
         # the trie matches slot and kind exactly (64 bits), then the address prefix; IPv4 is v4-mapped
         bits = net.prefixlen + (96 if net.version == 4 else 0)
-        return cls(prefixlen=64 + bits, slot=slot, kind=kind, ip=Ip.of(net.network_address))
+        return cls(prefixlen=CIDR_KEY_FIXED_BITS + bits, slot=slot, kind=kind, ip=Ip.of(net.network_address))
 
 
 class Counters(ctypes.Structure):

@@ -23,7 +23,7 @@ from meshcni.datapath import layout as L
 from meshcni.datapath import loader
 from meshcni.datapath.ebpf import EbpfDatapath
 from meshcni.datapath.interceptor import PodNet
-from meshcni.sys import cgroup, proc
+from meshcni.sys import bpf, cgroup, proc
 from meshcni.sys.errors import BpfError, NamespaceNotFound
 
 pytestmark = pytest.mark.root
@@ -275,6 +275,117 @@ def test_double_enrol_is_a_no_op_and_a_missing_netns_is_refused_cleanly(node, po
     with pytest.raises(NamespaceNotFound):
         dp.capture(not_a_netns)
     assert {n: dp.map_entries(n) for n in entries} == entries
+
+
+def _keys_of(dp: EbpfDatapath, slot: int) -> dict[str, set]:
+    """Every key a slot owns in the maps all pods share."""
+    return {
+        "ports": {(k.port, k.dir, v.value) for k, v in dp.maps["mcni_ports_v1"].items() if k.slot == slot},
+        "cidrs": {(k.kind, k.prefixlen, str(k.ip.address())) for k in dp.maps["mcni_cidrs_v1"].keys()
+                  if k.slot == slot},
+        "ips": {str(k.address()) for k, v in dp.maps["mcni_pod_ips_v1"].items() if v.value == slot},
+    }
+
+
+@pytest.fixture
+def scans(monkeypatch) -> list[str]:
+    """Names of the maps swept with delete_where (a scan of every pod's entries), in order."""
+    seen: list[str] = []
+    sweep = bpf.RawMap.delete_where
+
+    def spy(self, match):
+        seen.append(self.name)
+        return sweep(self, match)
+
+    monkeypatch.setattr(bpf.RawMap, "delete_where", spy)
+    return seen
+
+
+POLICY = PodConfig(exclude_inbound_ports=(9090,), include_inbound_ports=(8080, 9090), exclude_outbound_ports=(5432,),
+                   include_outbound_ports=(80,), exclude_outbound_cidrs=(ipaddress.ip_network("10.96.0.0/12"),
+                                                                         ipaddress.ip_network("fd00::/8")))
+
+
+def test_a_release_deletes_exactly_the_pods_keys_without_scanning_the_shared_maps(node, pods, scans):
+    dp = node["dp"]
+    pods.sidecar("a", forward=False)
+    pod_a = pods.podnet("a", POLICY)
+    slot_b = dp.capture(pods.podnet("b", PodConfig(exclude_outbound_ports=(6379,))))
+    keys_b = _keys_of(dp, slot_b)
+    slot_a = dp.capture(pod_a)
+    keys_a = _keys_of(dp, slot_a)
+    assert (9090, L.DIR_INBOUND, L.POLICY_EXCLUDE) in keys_a["ports"]  # the exclusion of 9090 won
+    assert (9090, L.DIR_INBOUND, L.POLICY_INCLUDE) not in keys_a["ports"]
+    assert len(keys_a["cidrs"]) == 2 and keys_a["ips"] == {pods.ip["a"]}
+    counted = dp.maps["mcni_pod_config_v1"].lookup(L.U32(slot_a))
+    assert counted.flags & L.F_KEYS_COUNTED
+    assert (counted.policy_keys, counted.ip_keys) == (len(keys_a["ports"]) + len(keys_a["cidrs"]), 1)
+    assert dp.verify(pod_a) == []
+    assert scans == []  # a fresh slot has nothing to clear
+
+    assert dp.release(pod_a)
+    assert scans == []
+    assert _keys_of(dp, slot_a) == {"ports": set(), "cidrs": set(), "ips": set()}
+    assert _keys_of(dp, slot_b) == keys_b  # the neighbour's policy is untouched
+    assert dp.maps["mcni_pod_config_v1"].lookup(L.U32(slot_a)).outbound_port == 0  # the slot is free again
+
+
+def test_a_release_that_cannot_account_for_every_key_scans_and_still_removes_them_all(node, pods, scans):
+    dp = node["dp"]
+    slot = dp.capture(pods.podnet("a", POLICY))
+    assert dp.release(pods.podnet("a"))  # another config than the captured one: its keys do not add up
+    assert set(scans) == {"mcni_ports_v1", "mcni_cidrs_v1", "mcni_pod_ips_v1"}
+    assert _keys_of(dp, slot) == {"ports": set(), "cidrs": set(), "ips": set()}
+
+    scans.clear()
+    slot = dp.capture(pods.podnet("a", POLICY))
+    older = dp.maps["mcni_pod_config_v1"].lookup(L.U32(slot))  # as an older meshcni wrote it: no counts
+    older.flags &= ~L.F_KEYS_COUNTED
+    older.policy_keys = older.ip_keys = 0
+    dp.maps["mcni_pod_config_v1"].update(L.U32(slot), older)
+    assert dp.release(pods.podnet("a", POLICY))
+    assert set(scans) == {"mcni_ports_v1", "mcni_cidrs_v1", "mcni_pod_ips_v1"}
+    assert _keys_of(dp, slot) == {"ports": set(), "cidrs": set(), "ips": set()}
+
+
+def test_a_recapture_rewrites_in_place_and_clears_only_what_the_new_config_dropped(node, pods, scans):
+    dp = node["dp"]
+    pods.sidecar("a", forward=False)
+    wide = PodConfig(exclude_outbound_ports=(5432,), exclude_outbound_cidrs=(ipaddress.ip_network("10.0.0.0/8"),))
+    extra_ip = ipaddress.ip_address(pods.ip["a"].rsplit(".", 1)[0] + ".77")
+    pod = pods.podnet("a", wide)
+    slot = dp.capture(pod)
+    before = _keys_of(dp, slot)
+
+    assert dp.capture(pod) == slot  # the same config again: nothing stale, nothing scanned
+    assert scans == [] and _keys_of(dp, slot) == before and dp.verify(pod) == []
+
+    # a narrower CIDR that the old one covers, the ports unchanged: a trie lookup of the new key finds the
+    # old /8, which must not pass for the new entry (the key count alone would not tell)
+    narrow = PodConfig(exclude_outbound_ports=(5432,), exclude_outbound_cidrs=(ipaddress.ip_network("10.0.0.0/16"),))
+    pod = pods.podnet("a", narrow)
+    assert dp.capture(pod) == slot
+    after = _keys_of(dp, slot)
+    assert after["ports"] == before["ports"]
+    assert after["cidrs"] == {(L.POLICY_EXCLUDE, L.CIDR_KEY_FIXED_BITS + 96 + 16, "10.0.0.0")}
+    assert dp.verify(pod) == []
+
+    narrow = PodConfig(exclude_outbound_cidrs=narrow.exclude_outbound_cidrs)  # and a port dropped
+    pod = pods.podnet("a", narrow)
+    assert dp.capture(pod) == slot
+    assert _keys_of(dp, slot)["ports"] == before["ports"] - {(5432, L.DIR_OUTBOUND, L.POLICY_EXCLUDE)}
+    assert dp.verify(pod) == []
+
+    two_ips = PodNet(key=pod.key, netns=pod.netns, ips=(*pod.ips, extra_ip), config=narrow)
+    dp.capture(two_ips)
+    assert _keys_of(dp, slot)["ips"] == {pods.ip["a"], str(extra_ip)}
+    scans.clear()
+    dp.capture(pod)  # the pod lost an IP: that IP no longer names its slot
+    assert scans == ["mcni_pod_ips_v1"]
+    assert _keys_of(dp, slot)["ips"] == {pods.ip["a"]}
+    assert dp.verify(pod) == []
+    assert dp.release(pod)
+    assert _keys_of(dp, slot) == {"ports": set(), "cidrs": set(), "ips": set()}
 
 
 def test_the_proxys_listen_registers_its_inbound_listener_in_the_kernel(node, pods):
