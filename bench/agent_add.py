@@ -9,7 +9,7 @@ client sees it (gRPC round trip + validation + datapath writes + the registry's 
 per level, their ratio (the issue's target: p99 at 250 ≤ 1.2 × p99 at 10), VmRSS of the 250-pod agent
 (target ≤ 150 MB) and the CPU share the hypervisor took, as a table and JSON.
 
-    .venv/bin/python bench/agent_add.py [--samples 1000] [--pods 250] [--small 10]
+    .venv/bin/python bench/agent_add.py [--samples 3000] [--pods 250] [--small 10]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def cpu_ticks() -> tuple[int, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--samples", type=int, default=3000)
     ap.add_argument("--pods", type=int, default=250)
     ap.add_argument("--small", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None, help="write the result here too")
