@@ -6,13 +6,19 @@
  * skipping TCP, IP and the loopback or veth device. When the peer is not in the map (it is off-node, or not
  * yet established) the redirect helper fails and the program still answers SK_PASS, so the message takes
  * the normal TCP path: SK_DROP there would discard the application's bytes. A stream that used TCP once
- * stays on TCP (mcni_nosplice_v1), because the peer's receive path reads the sk_msg queue before the TCP
- * queue and a later spliced message would overtake bytes still in flight.
+ * stays on TCP (mcni_stays_on_tcp_v1, the socket's own storage), because the peer's receive path reads the
+ * sk_msg queue before the TCP queue and a later spliced message would overtake bytes still in flight.
  */
 #include "meshcni.h"
 
 int mcni_redir(struct sk_msg_md *msg)
 {
+	struct bpf_sock *sk = msg->sk;
+	if (!sk)
+		return SK_PASS;
+	if (mcni_stays_on_tcp_v1.sk_storage_get(sk, 0, 0))
+		return SK_PASS;
+
 	struct mcni_tuple self = {};
 	if (msg->family == AF_INET) {
 		mcni_ip_from_v4(&self.local, MCNI_CTX_U32(msg, local_ip4));
@@ -28,25 +34,20 @@ int mcni_redir(struct sk_msg_md *msg)
 	__u64 netns = bpf_get_netns_cookie(msg);
 	mcni_tuple_scope(&self, netns);
 
-	if (mcni_nosplice_v1.lookup(&self))
-		return SK_PASS;
-
 	struct mcni_tuple peer;
 	mcni_tuple_reverse(&self, &peer);
 	long verdict = mcni_socks_v1.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+	__u32 *slot = mcni_pods_v1.lookup(&netns);
 	if (verdict != SK_PASS) {
 		/* the peer is not (yet) in the map: this message takes TCP, and so must every later one */
-		__u8 one = 1;
-		mcni_nosplice_v1.update(&self, &one);
-	} else {
-		__u32 *slot = mcni_pods_v1.lookup(&netns);
-		if (slot) {
-			/* one counters lookup for both (this runs for every message) */
-			struct mcni_counters *c = mcni_counters_v1.lookup(slot);
-			if (c) {
-				c->v[MCNI_CTR_MSGS_SPLICED] += 1;
-				c->v[MCNI_CTR_BYTES_SPLICED] += msg->size;
-			}
+		if (!mcni_stays_on_tcp_v1.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE) && slot)
+			mcni_count(*slot, MCNI_CTR_ERRORS, 1); /* no memory: a later message could overtake this one */
+	} else if (slot) {
+		/* one counters lookup for both (this runs for every message) */
+		struct mcni_counters *c = mcni_counters_v1.lookup(slot);
+		if (c) {
+			c->v[MCNI_CTR_MSGS_SPLICED] += 1;
+			c->v[MCNI_CTR_BYTES_SPLICED] += msg->size;
 		}
 	}
 	return SK_PASS;

@@ -132,8 +132,8 @@ static __always_inline void mcni_established(struct bpf_sock_ops *skops, const s
 	long rc = mcni_socks_v1.sock_hash_update(skops, &t, BPF_ANY);
 	if (rc != 0)
 		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
-	else
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	/* no state callbacks for spliced sockets: the kernel drops them from the map when they close, and their
+	 * stay-on-TCP mark is socket storage that goes with them */
 }
 
 /* The pod's proxy (by uid or gid, as for outbound) listens on the inbound port: register the socket where
@@ -151,16 +151,15 @@ static __always_inline void mcni_listening(struct bpf_sock_ops *skops, const str
 		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
 }
 
-/* A socket we asked state callbacks for is closing: a captured app socket whose connect failed (still in
- * SYN_SENT: no proxy end can exist, so its record goes), or a spliced socket (its no-splice mark goes). */
+/* A captured app socket (the only kind we ask state callbacks for, until it is established) is closing: if its
+ * connect failed (still in SYN_SENT) no proxy end can exist, so its record goes. */
 static __always_inline void mcni_closed(struct bpf_sock_ops *skops, __u64 netns)
 {
+	if (skops->args[0] != BPF_TCP_SYN_SENT)
+		return;
 	struct mcni_tuple t = {};
 	mcni_sockops_tuple(skops, &t, netns);
-	if (skops->args[0] == BPF_TCP_SYN_SENT)
-		mcni_pair_origdst_v1.delete(&t);
-	else
-		mcni_nosplice_v1.delete(&t);
+	mcni_pair_origdst_v1.delete(&t);
 }
 
 int mcni_sockops(struct bpf_sock_ops *skops)

@@ -164,19 +164,22 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct mcni_origdst, mcni_sock_origdst_v1, M
  * accept queue overflowed) leaves behind. */
 BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, struct mcni_origdst, mcni_pair_origdst_v1, MCNI_MAX_CONNS,
                  MCNI_PIN(mcni_pair_origdst_v1));
-/* the proxy's accepted socket of a captured connection -> original destination (socket-local storage, read by
- * getsockopt; freed by the kernel with the socket, so nothing has to delete it). bcc's BPF_SK_STORAGE has no
- * pinned form; this is what it declares, with the pin path in the section name as BPF_TABLE_PINNED does. */
-struct mcni_accepted_origdst_v1_table_t {
-	int key;
-	struct mcni_origdst leaf;
-	void *(*sk_storage_get)(void *, void *, int);
-	int (*sk_storage_delete)(void *);
-	u32 flags;
-};
-__attribute__((section("maps/sk_storage:" MCNI_PIN(mcni_accepted_origdst_v1))))
-struct mcni_accepted_origdst_v1_table_t mcni_accepted_origdst_v1 = { .flags = BPF_F_NO_PREALLOC };
-BPF_ANNOTATE_KV_PAIR(mcni_accepted_origdst_v1, int, struct mcni_origdst);
+/* Socket-local storage, pinned: bcc's BPF_SK_STORAGE has no pinned form, so this declares what it would, with
+ * the pin path in the section name as BPF_TABLE_PINNED does. The kernel frees an entry with its socket. */
+#define MCNI_SK_STORAGE_PINNED(_name, _leaf_type)                                              \
+	struct _name##_table_t {                                                               \
+		int key;                                                                       \
+		_leaf_type leaf;                                                               \
+		void *(*sk_storage_get)(void *, void *, int);                                  \
+		int (*sk_storage_delete)(void *);                                              \
+		u32 flags;                                                                     \
+	};                                                                                     \
+	__attribute__((section("maps/sk_storage:" MCNI_PIN(_name))))                           \
+	struct _name##_table_t _name = { .flags = BPF_F_NO_PREALLOC };                        \
+	BPF_ANNOTATE_KV_PAIR(_name, int, _leaf_type)
+/* the proxy's accepted socket of a captured connection -> original destination, read by getsockopt; nothing
+ * has to delete it. */
+MCNI_SK_STORAGE_PINNED(mcni_accepted_origdst_v1, struct mcni_origdst);
 /* tuple -> established local socket, for sk_msg splicing; the kernel drops entries of closed sockets. */
 struct mcni_socks_v1_table_t {
 	struct mcni_tuple key;
@@ -198,10 +201,11 @@ struct mcni_socks_v1_table_t mcni_socks_v1 = { .max_entries = MCNI_MAX_CONNS };
  * run in softirq); LRU bounds what handshakes that never complete leave behind. */
 BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, __u8, mcni_proxy_ends_v1, MCNI_MAX_CONNS,
                  MCNI_PIN(mcni_proxy_ends_v1));
-/* tuple of a socket that sent data the normal way once: it must never be spliced afterwards, or its peer
- * would read spliced bytes ahead of bytes still queued in TCP (the peer's receive path reads the sk_msg
- * queue first). Cleared when the socket closes; LRU bounds it if a close is missed. */
-BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, __u8, mcni_nosplice_v1, MCNI_MAX_CONNS, MCNI_PIN(mcni_nosplice_v1));
+/* a spliceable socket that sent data the normal way once (its peer was not in mcni_socks_v1 yet): it must never
+ * be spliced afterwards, or its peer would read spliced bytes ahead of bytes still queued in TCP (the peer's
+ * receive path reads the sk_msg queue first). Socket-local, so the mark dies with the socket: no close has to
+ * be watched, and a later connection that reuses the tuple starts unmarked. */
+MCNI_SK_STORAGE_PINNED(mcni_stays_on_tcp_v1, __u8);
 /* slot*2 + (IPv6 ? 1 : 0) -> the proxy's inbound listening socket, for sk_lookup; written by the agent and,
  * when the proxy calls listen(), by sockops. Spelled out like mcni_socks_v1 for the sock_map_update member. */
 struct mcni_listeners_v1_table_t {

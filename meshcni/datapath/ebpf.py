@@ -124,6 +124,9 @@ class EbpfDatapath:
                     link.unlink()
                 finally:
                     os.close(link_fd)
+            for name in loader.RETIRED_MAPS:
+                with contextlib.suppress(FileNotFoundError):
+                    (pin_dir / name).unlink()
             return dp
         finally:
             os.close(cg_fd)

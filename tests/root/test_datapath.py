@@ -388,6 +388,33 @@ def test_a_recapture_rewrites_in_place_and_clears_only_what_the_new_config_dropp
     assert _keys_of(dp, slot) == {"ports": set(), "cidrs": set(), "ips": set()}
 
 
+def test_a_spliced_socket_whose_peer_is_not_spliced_stays_on_tcp_and_loses_no_byte(node, pods):
+    """A's app socket enters the SOCKHASH (splice-app) but B's accepted socket never does: every redirect fails,
+    the first message leaves the mark in the socket's own storage, and the stream stays on TCP intact."""
+    dp = node["dp"]
+    pods.app("b")
+    dp.capture(pods.podnet("a", PodConfig(exclude_outbound_ports=(8080,), splice_app=True)))
+    dp.capture(pods.podnet("b", PodConfig(exclude_inbound_ports=(8080,))))  # B's app socket: never spliced
+    done = proc.run([sys.executable, str(HERE / "stay_on_tcp_probe.py"), pods.ip["b"], "8080", str(node["pin_dir"])],
+                    netns=pods.path("a"), cgroup=node["cgroup"])
+    assert json.loads(done.stdout) == {"marked_before": False, "marked_after": True, "intact": True}
+    assert dp.counters(pods.podnet("a"))["msgs_spliced"] == 0
+    assert dp.counters(pods.podnet("a"))["errors"] == 0
+
+
+def test_a_load_removes_the_pins_of_retired_maps(node):
+    retired = node["pin_dir"] / loader.RETIRED_MAPS[0]
+    stand_in = bpf.obj_get(str(node["pin_dir"] / "mcni_pods_v1"))  # any map will do as an older load's pin
+    try:
+        bpf.obj_pin(stand_in, str(retired))
+    finally:
+        os.close(stand_in)
+    again = EbpfDatapath.load(node["pin_dir"], cgroup=node["cgroup"])
+    again.close()
+    assert not retired.exists()
+    assert (node["pin_dir"] / "mcni_pods_v1").exists()
+
+
 def test_the_proxys_listen_registers_its_inbound_listener_in_the_kernel(node, pods):
     """No agent runs here: an entry in the pod's SOCKMAP slot can only come from the sockops program."""
     dp = node["dp"]
