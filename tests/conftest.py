@@ -1,4 +1,5 @@
-"""Fixtures every test tier shares: skipping root tests when not root, unique names, and a leftover check.
+"""Fixtures every test tier shares: skipping root tests when not root, unique names, a bare netns, and a
+leftover check.
 
 The leftover check snapshots the `mcni-`-prefixed network namespaces when the session starts and fails the
 session loudly if new ones are still there when it ends: a test that leaks a netns on this shared machine is
@@ -58,3 +59,15 @@ def no_leftover_netns():
 def unique_id() -> str:
     """8 hex characters, for names that must not collide with a parallel or earlier run."""
     return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def bare_netns(unique_id) -> str:
+    """Path of a fresh network namespace with only loopback up, deleted after the test (root tests)."""
+    name = f"{NETNS_PREFIX}bare-{unique_id}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield f"/var/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -8,19 +8,9 @@ may already have closed its end by the time the proxy asks where the connection 
 
 import json
 import socket
-import struct
 import sys
 
-SO_ORIGINAL_DST = 80
-
-
-def original_dst(conn: socket.socket) -> dict:
-    try:
-        raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    except OSError as exc:
-        return {"errno": exc.errno}
-    port, addr = struct.unpack_from("!2xH4s", raw)
-    return {"ip": socket.inet_ntoa(addr), "port": port}
+from probe_server import original_dst  # this directory is on sys.path when run as a script
 
 
 def main() -> None:

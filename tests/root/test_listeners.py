@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -31,19 +32,8 @@ _LISTENER = (
 
 
 @pytest.fixture
-def pod_netns(unique_id):
-    name = f"mcni-ls-{unique_id}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-@pytest.fixture
-def proxy(pod_netns):
-    proc = subprocess.Popen(["ip", "netns", "exec", pod_netns, sys.executable, "-c", _LISTENER, str(PORT)],
+def proxy(bare_netns):
+    proc = subprocess.Popen(["ip", "netns", "exec", Path(bare_netns).name, sys.executable, "-c", _LISTENER, str(PORT)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
@@ -58,14 +48,14 @@ def _close(fds: dict[int, int]) -> None:
         os.close(fd)
 
 
-def test_a_netns_where_nothing_listens_costs_no_walk_of_proc(pod_netns):
+def test_a_netns_where_nothing_listens_costs_no_walk_of_proc(bare_netns):
     index = listeners.ProcessIndex()
-    assert listeners.take_listeners(f"/var/run/netns/{pod_netns}", PORT, index) == {}
+    assert listeners.take_listeners(bare_netns, PORT, index) == {}
     assert index.walks == 0
 
 
-def test_the_proxys_listeners_are_found_and_duplicated(proxy, pod_netns):
-    path = f"/var/run/netns/{pod_netns}"
+def test_the_proxys_listeners_are_found_and_duplicated(proxy, bare_netns):
+    path = bare_netns  # the pod netns, as the agent names it
     inodes = listeners.listening_inodes(path, PORT)
     assert sorted(inodes.values()) == [socket.AF_INET, socket.AF_INET6]
     assert listeners.listening_inodes(path, PORT + 1) == {}
@@ -91,10 +81,10 @@ def test_the_proxys_listeners_are_found_and_duplicated(proxy, pod_netns):
         _close(fds)
 
 
-def test_the_search_runs_in_the_callers_thread_only(proxy, pod_netns):
+def test_the_search_runs_in_the_callers_thread_only(proxy, bare_netns):
     """Reading the pod's table moves this thread into the netns and back: our own netns is unchanged."""
     before = os.stat("/proc/thread-self/ns/net").st_ino
-    listeners.listening_inodes(f"/var/run/netns/{pod_netns}", PORT)
+    listeners.listening_inodes(bare_netns, PORT)
     assert os.stat("/proc/thread-self/ns/net").st_ino == before
 
 
