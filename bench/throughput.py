@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
+import _cpu  # noqa: E402
 import _report  # noqa: E402
 from _evidence import (  # noqa: E402
     CaptureNotVerified, check_proxies, client_sessions, delta, fallback_sessions, misrouted, proxy_counters, require,
@@ -201,7 +202,9 @@ def measure_one(args, bench, mode, profile: str, what: str, wrk: str, script: Pa
                                  f"run would not measure this mode alone: {looping}")
     baseline = client_sessions(bench.state, bench.src.name)
     before_p, before_m = proxy_counters(bench.state), mode.counters(bench)
+    cpu_before = _cpu.cpu_times()
     result = _wrk.run(bench.state, bench.src, spec, script, wrk)
+    cpu = _cpu.cpu_times() - cpu_before
     after_p, after_m = proxy_counters(bench.state), mode.counters(bench)
     evidence = {"proxies": delta(before_p, after_p), "mechanism": delta(before_m, after_m)}
     if result.requests == 0:
@@ -223,10 +226,23 @@ def measure_one(args, bench, mode, profile: str, what: str, wrk: str, script: Pa
     stalled = stalled_after(bench.state, bench.src.name, baseline, DRAIN_TIMEOUT_S)
     return {
         "mode": mode.name, "profile": profile, "url": spec.url, "wrk": result.to_dict(), "verified": True,
+        "cpu": cpu_facts(cpu, result.requests),
         "faults": {"socket_errors": result.error_total - non_2xx, "non_2xx": non_2xx, "misrouted_sessions": lost,
                    "stalled_sessions": stalled},
         "evidence": evidence,
     }
+
+
+def cpu_facts(cpu: _cpu.CpuTimes, requests: int) -> dict:
+    """The machine's CPU during one run: how busy the guest kept the CPU it was given (near 1: the mode was
+    CPU-bound), the share the hypervisor stole, and requests per busy CPU-second (the run's cost, whatever
+    the steal)."""
+    wall = cpu.busy + cpu.idle + cpu.steal
+    given = cpu.busy + cpu.idle
+    return {"busy_s": round(cpu.busy, 2), "idle_s": round(cpu.idle, 2), "steal_s": round(cpu.steal, 2),
+            "busy_share": round(cpu.busy / given, 3) if given else 0.0,
+            "steal_share": round(cpu.steal / wall, 3) if wall else 0.0,
+            "requests_per_busy_cpu_s": round(requests / cpu.busy, 1) if cpu.busy else 0.0}
 
 
 def _spec(args, url: str, duration: int, close: bool) -> _wrk.WrkSpec:
@@ -292,7 +308,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         shutil.rmtree(bpf_copy, ignore_errors=True)
     summary = _report.summarize(runs)
     ratio = _report.ratios(summary)
-    verdicts = _report.targets(summary)
+    verdicts = _report.targets(summary, runs)
     report.update({
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "capture_verified": all(r["verified"] for r in runs) and bool(runs),
