@@ -12,7 +12,8 @@ Listeners (all in the pod's netns; HAProxy runs as uid/gid 1337):
   HTTP backend chosen by destination port, app reached from 127.0.0.6): the floor of the capture mechanism.
 Both captured listeners accept in TCP mode and switch to an HTTP backend for the app ports, so HTTP gets an
 `x-meshcni-proxy: <pod>-<direction>` response header as evidence while any other port stays a byte-exact
-TCP stream. `show stat` on the admin socket is parsed into rows; `stot` is a frontend's session total.
+TCP stream; like HTTP listeners they let the answer carry the ACK of a request (`SMART_ACCEPT`). `show stat`
+on the admin socket is parsed into rows; `stot` is a frontend's session total.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ class ProxySpec:
 # killed proxy had accepted die with it, the retry waits in the agent-held listener for the next one.
 RETRIES = "    retries 3\n    retry-on conn-failure empty-response\n"
 
+# HAProxy delays the kernel's ACK of a client's first bytes only in HTTP mode, where the answer will carry it.
+# The capture listeners must take any protocol, so they run in TCP mode and would ack every captured request
+# with an empty segment of its own (two more segments per connection than the HTTP listeners). Asking for it
+# explicitly is safe for any protocol: a server-speaks-first one has nothing to ack, and a slow answer gets its
+# ACK from the kernel's delayed-ACK timer, as in HTTP mode.
+SMART_ACCEPT = "option tcp-smart-accept"
+
 
 def render(spec: ProxySpec) -> str:
     def route(direction: str) -> str:
@@ -93,6 +101,7 @@ defaults
 frontend outbound
     {outbound_bind}
     mode tcp
+    {SMART_ACCEPT}
     # A destination equal to this listener's own port means the original destination is unknown (or an app
     # dialled the capture port itself): forwarding would connect the proxy to itself, again and again.
     tcp-request connection reject if {{ dst_port {OUTBOUND_PORT} }}
@@ -110,6 +119,7 @@ backend outbound_tcp
 frontend inbound
     {inbound_bind}
     mode tcp
+    {SMART_ACCEPT}
     # a connection addressed to the inbound capture port itself would be forwarded back to this listener
     tcp-request connection reject if {{ dst_port {INBOUND_PORT} }}
 {route('inbound')}    default_backend inbound_tcp
@@ -151,6 +161,7 @@ backend explicit_http_in
 frontend routed_out
     bind 0.0.0.0:{EXPLICIT_ROUTED_OUT}
     mode tcp
+    {SMART_ACCEPT}
     tcp-request connection reject if {{ dst_port {OUTBOUND_PORT} }}
     use_backend routed_out_http if {{ dst_port {EXPLICIT_ROUTED_OUT} }}
     default_backend routed_out_http
@@ -163,6 +174,7 @@ backend routed_out_http
 frontend routed_in
     bind 0.0.0.0:{EXPLICIT_ROUTED_IN}
     mode tcp
+    {SMART_ACCEPT}
     tcp-request connection reject if {{ dst_port {INBOUND_PORT} }}
     use_backend routed_in_http if {{ dst_port {EXPLICIT_ROUTED_IN} }}
     default_backend routed_in_http

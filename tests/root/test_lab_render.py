@@ -66,6 +66,15 @@ def test_haproxy_config_routes_app_ports_to_http_and_the_rest_to_tcp():
     assert "use_backend routed_out_http if { dst_port 15103 }" in tcp_only
 
 
+def test_tcp_mode_listeners_on_the_request_path_delay_the_ack_of_the_request_like_http_ones():
+    from pathlib import Path
+
+    text = haproxy.render(haproxy.ProxySpec("a", "10.0.0.3", (80,), Path("/s/a.sock")))
+    for frontend in ("outbound", "inbound", "routed_out", "routed_in"):
+        body = text.split(f"\nfrontend {frontend}\n", 1)[1].split("\n\n", 1)[0]
+        assert "mode tcp" in body and "option tcp-smart-accept" in body, frontend
+
+
 def test_nginx_config_keeps_every_path_under_the_pod_dir():
     from pathlib import Path
 
