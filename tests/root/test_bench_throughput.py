@@ -23,6 +23,7 @@ import _evidence  # noqa: E402
 import _report  # noqa: E402
 import _wrk  # noqa: E402
 import throughput  # noqa: E402
+import upgrade_cost  # noqa: E402
 
 try:
     import bcc  # noqa: F401
@@ -278,6 +279,27 @@ def test_cpu_times_split_busy_idle_and_steal_and_per_cpu_figures_follow_the_runs
     assert verdicts["ebpf req/s ≥ 0.97× explicit (connection-per-request)"]["clearly"] == "within noise"
     assert "| connection-per-request | ebpf | 1,000 |" in _report.markdown(summary, {}, [], ["ebpf"])
     assert "| 500 | 95% / 0% (0%) |" in _report.markdown(summary, {}, [], ["ebpf"])
+
+
+def test_the_upgrade_what_if_puts_only_the_routed_frontends_in_http_mode_and_haproxy_accepts_it(tmp_path):
+    from meshcni.lab import haproxy
+
+    original = haproxy.render(haproxy.ProxySpec("a", "10.0.0.3", (80,), tmp_path / "a.sock"))
+    variant = upgrade_cost.http_mode_routed(original)
+    for frontend in ("routed_out", "routed_in"):
+        body = variant.split(f"\nfrontend {frontend}\n", 1)[1].split("\n\n", 1)[0]
+        assert "mode http" in body and "mode tcp" not in body and "use_backend" not in body, body
+        assert "default_backend routed_" in body
+    # everything else is untouched: the capture listeners still upgrade from TCP mode
+    for frontend in ("outbound", "inbound"):
+        assert (variant.split(f"\nfrontend {frontend}\n", 1)[1].split("\n\n", 1)[0]
+                == original.split(f"\nfrontend {frontend}\n", 1)[1].split("\n\n", 1)[0])
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(variant)
+    check = subprocess.run(haproxy.check_argv(cfg), capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    with pytest.raises(ValueError):
+        upgrade_cost.http_mode_routed(variant)  # already HTTP: the what-if refuses to measure a no-op
 
 
 @pytest.mark.root
