@@ -9,7 +9,7 @@ requests per wall-clock second are not (see "Reading the throughput figures" in 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 PROC_STAT = Path("/proc/stat")
@@ -28,7 +28,7 @@ class CpuTimes:
         return self.user + self.system + self.softirq
 
     def __sub__(self, other: CpuTimes) -> CpuTimes:
-        return CpuTimes(*(getattr(self, f) - getattr(other, f) for f in ("user", "system", "softirq", "idle", "steal")))
+        return CpuTimes(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
 
 
 def cpu_times(stat: str | None = None) -> CpuTimes:
