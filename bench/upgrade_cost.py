@@ -24,7 +24,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from meshcni.lab import haproxy  # noqa: E402
 
 ROUTED_FRONTENDS = ("routed_out", "routed_in")
-TCP_ONLY_LINES = ("tcp-request", "use_backend", "option tcp-smart-accept")  # HTTP mode needs none of these
+# The upgrade's trigger, and what HTTP mode does anyway. The `tcp-request connection` guard stays: it reads
+# the connection's destination, which a capture listener must look up whatever its mode.
+TCP_ONLY_LINES = ("use_backend", "option tcp-smart-accept")
 
 
 def http_mode_routed(text: str) -> str:

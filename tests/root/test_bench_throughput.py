@@ -289,7 +289,7 @@ def test_the_upgrade_what_if_puts_only_the_routed_frontends_in_http_mode_and_hap
     for frontend in ("routed_out", "routed_in"):
         body = variant.split(f"\nfrontend {frontend}\n", 1)[1].split("\n\n", 1)[0]
         assert "mode http" in body and "mode tcp" not in body and "use_backend" not in body, body
-        assert "default_backend routed_" in body
+        assert "default_backend routed_" in body and "tcp-request connection reject if { dst_port" in body
     # everything else is untouched: the capture listeners still upgrade from TCP mode
     for frontend in ("outbound", "inbound"):
         assert (variant.split(f"\nfrontend {frontend}\n", 1)[1].split("\n\n", 1)[0]
