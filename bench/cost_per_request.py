@@ -34,12 +34,6 @@ from meshcni.lab.lab import LabNames  # noqa: E402
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
-def cpu_seconds() -> dict[str, float]:
-    """Machine-wide CPU time so far by kind (user includes nice; softirq is where TCP receive mostly runs)."""
-    t = _cpu.cpu_times()
-    return {"user": t.user, "system": t.system, "softirq": t.softirq}
-
-
 def program_stats() -> dict[str, tuple[int, int]]:
     """meshcni programs loaded now: name -> (run time ns, run count), summed over instances."""
     out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True, check=True).stdout
@@ -59,10 +53,10 @@ def one_run(b, mode, wrk: str, script: Path, duration: int, *, program_stats_on:
         _wrk.run(b.state, b.src, spec, script, wrk)
         if program_stats_on:
             STATS_SYSCTL.write_text("1")
-        cpu0, progs0 = cpu_seconds(), program_stats()
+        cpu0, progs0 = _cpu.cpu_times(), program_stats()
         spec = _wrk.WrkSpec(url=mode.url(b, "/"), duration_s=duration, connections=32, threads=1, close_each=True)
         result = _wrk.run(b.state, b.src, spec, script, wrk)
-        cpu1, progs1 = cpu_seconds(), program_stats()
+        cpu, progs1 = _cpu.cpu_times() - cpu0, program_stats()
     finally:
         if program_stats_on:
             STATS_SYSCTL.write_text("0")
@@ -72,7 +66,8 @@ def one_run(b, mode, wrk: str, script: Path, duration: int, *, program_stats_on:
                     "us_per_request": (ns - progs0.get(name, (0, 0))[0]) / n / 1000}
              for name, (ns, cnt) in progs1.items()}
     return {"rps": result.requests / duration,
-            "cpu_us_per_request": {k: (cpu1[k] - cpu0[k]) / n * 1e6 for k in cpu1}, "programs": progs}
+            "cpu_us_per_request": {k: getattr(cpu, k) / n * 1e6 for k in ("user", "system", "softirq")},
+            "programs": progs}
 
 
 def main() -> int:
