@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) node set-up for meshcni on Debian 12: the Debian packages that serve as real
-# parts (bcc, reference CNI plugins, iptables, HAProxy, nginx, wrk, bpftool), the kernel-header link bcc needs
-# on kernels without a headers package, bpffs, and a venv from the system Python that can import bcc.
+# parts (bcc, reference CNI plugins, iptables and conntrack-tools, HAProxy, nginx, wrk, bpftool), the
+# kernel-header link bcc needs on kernels without a headers package, bpffs, and a venv from the system
+# Python that can import bcc.
 # Safe to run any number of times; each step checks before it acts.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MESHCNI_VENV:-$ROOT/.venv}"
 APT_PACKAGES=(python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking-plugins iptables haproxy
-              nginx-light wrk bpftool python3-venv python3-dev psmisc iproute2 curl)
+              conntrack nginx-light wrk bpftool python3-venv python3-dev psmisc iproute2 curl)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

@@ -15,6 +15,9 @@ Both front doors (gRPC for tools, HTTP for the CNI plugin) call these methods, s
 The inbound listener of an eBPF pod is usually not there yet at ADD time (the sidecar starts after the
 sandbox); such pods are `listener: pending` and `adopt_listeners` registers the proxy's listener when it
 appears — and again when the proxy is replaced and the kernel dropped the old socket from the SOCKMAP.
+A pod that leaves iptables mode keeps its netns's conntrack on while a connection the rules redirected is
+still open; `drop_conntrack_holds` on the tick ends that once the last such connection has, so a pod moved
+to eBPF under load stops paying conntrack's per-packet cost.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ SEARCH_PER_TICK = 8
 # safety net for listeners that existed before enrolment or live outside the attached cgroup: a pod that
 # still has none is searched again after 0.5 s, 1 s, 2 s, ... and then every 30 s.
 SEARCH_BACKOFF_MAX = 30.0
+# A pod that left iptables mode while a connection the rules redirected was open keeps conntrack on until it
+# ends (meshcni/datapath/iptables.py); the tick asks again every CONNTRACK_RETRY_S, for at most
+# CONNTRACK_PER_TICK pods, each check being two iptables-save runs and a conntrack listing.
+CONNTRACK_RETRY_S = 5.0
+CONNTRACK_PER_TICK = 4
 
 
 class AgentError(Exception):
@@ -146,6 +154,7 @@ class AgentCore:
         self.lock = threading.RLock()
         self._next_search: dict[str, tuple[float, float]] = {}  # container id -> (next search time, delay)
         self._scan_cursor = 0
+        self._conntrack_due: dict[str, float] = {}  # container id -> when to retry dropping its conntrack hold
         self.enrol_errors: dict[str, int] = {}
 
     # --- the CNI verbs ------------------------------------------------------------------------------------
@@ -545,7 +554,40 @@ class AgentCore:
             interceptor.release(self._pod_net(record, PodConfig.from_dict(record.config).with_mode(mode)))
         except (SysError, OSError) as exc:
             return [f"{mode.value} release: {exc}"]
+        if mode is Mode.IPTABLES:
+            # release already dropped the conntrack hold if it could; the tick checks again in a while.
+            self._conntrack_due[record.container_id] = time.monotonic() + CONNTRACK_RETRY_S
         return []
+
+    def drop_conntrack_holds(self) -> int:
+        """Retry dropping the conntrack hold of pods that left iptables mode with a redirected connection
+        open; returns how many holds are settled now. A pod back in iptables mode, or gone, is forgotten."""
+        iptables = self.interceptors.get(Mode.IPTABLES)
+        if iptables is None or not self._conntrack_due:
+            return 0
+        now = time.monotonic()
+        due = sorted((at, cid) for cid, at in self._conntrack_due.items() if at <= now)[:CONNTRACK_PER_TICK]
+        settled = 0
+        for _, cid in due:
+            # Under the lock: a switch back to iptables must not interleave with the hold's removal.
+            with self.lock:
+                record = self.registry.get(cid)
+                if record is None or record.mode == Mode.IPTABLES.value:
+                    self._conntrack_due.pop(cid, None)
+                    continue
+                pod = self._pod_net(record, PodConfig.from_dict(record.config))
+                try:
+                    done = iptables.drop_conntrack_hold(pod)
+                except (SysError, OSError) as exc:
+                    log.warning("pod %s: dropping the conntrack hold: %s", record.display_name, exc)
+                    done = False
+                if done:
+                    self._conntrack_due.pop(cid, None)
+                    settled += 1
+                    log.info("pod %s: no redirected connection left; conntrack hold settled", record.display_name)
+                else:
+                    self._conntrack_due[cid] = now + CONNTRACK_RETRY_S
+        return settled
 
     def listener_state(self, record: PodRecord) -> str:
         """Whether the pod's inbound listener is in the SOCKMAP now (the kernel registers a proxy's own

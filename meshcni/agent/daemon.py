@@ -136,6 +136,10 @@ class Agent:
             self.core.adopt_listeners()
         except Exception:  # noqa: BLE001 - the loop must survive anything one pod throws
             log.exception("listener adoption failed")
+        try:
+            self.core.drop_conntrack_holds()
+        except Exception:  # noqa: BLE001
+            log.exception("dropping conntrack holds failed")
         self.core.proxies.reap()
 
     def stop(self) -> None:

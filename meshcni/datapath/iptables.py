@@ -19,9 +19,10 @@ and the proxy's connections to one destination share them) matches the frozen en
 captures again, so its SYN never reaches the nat rules: it bypasses the proxy, or inherits another
 connection's REDIRECT. Redirected connections still open also lose their translation the moment tracking
 stops. So capture also adds MESHCNI_CONNTRACK, a chain nothing jumps to whose one rule matches on
-conntrack state, which keeps tracking on in the pod netns in the other modes too, and `release` leaves it
-for as long as the netns has conntrack entries (it goes once the netns is idle, since then nothing can be
-frozen or lose its translation). Before tracking starts, capture also sets the netns's
+conntrack state and so keeps tracking on after the rules go. `release` drops it as soon as no connection
+the rules redirected is still open (until then `drop_conntrack_hold` retries; a pod in eBPF mode should not
+pay conntrack's per-packet cost for longer) and empties the netns's conntrack table the moment tracking
+stops, so no entry is left frozen. Before tracking starts, capture also sets the netns's
 `nf_conntrack_tcp_loose` to 0: connections made under eBPF before tracking began must not be adopted
 mid-stream, because the nat rules apply to the first packet conntrack sees of a connection (a REDIRECT of
 an established connection's segment only earns a reset), and an entry adopted from the pod's own ACK faces
@@ -392,22 +393,54 @@ class IptablesInterceptor:
                 self._release_family(pod, family)
 
     def release(self, pod: PodNet) -> None:
-        """Remove our chains and jumps. The conntrack hold stays while the netns has conntrack entries, so the
-        connections the rules redirected keep their translation until they end and no entry is frozen."""
+        """Remove our chains and jumps, then the conntrack hold if no redirected connection is still open
+        (see `drop_conntrack_hold`; when one is, the hold stays and a later call drops it)."""
         try:
             check_netns(pod.netns)
         except NamespaceNotFound:
             return  # the rules died with the namespace
+        for family in Family:
+            if ipt.family_available(family):
+                self._release_family(pod, family)
+        self.drop_conntrack_hold(pod)
+
+    def drop_conntrack_hold(self, pod: PodNet) -> bool:
+        """Stop conntrack in a pod netns that iptables no longer captures; returns False only while an open
+        redirected connection still needs the hold (True: gone, never there, or owned by a live capture).
+
+        The hold must outlive the rules only while a connection they redirected is open (its translation
+        lives in its conntrack entry). Once none is, the hold goes, and with it the per-packet conntrack and
+        nat hooks a pod in eBPF mode would otherwise pay for as long as it keeps making connections. The
+        netns's entries are flushed right after tracking stops, so none is left frozen for a later switch
+        back to iptables to trip over. A pod still captured by iptables (either family, or one direction
+        on a hybrid node) keeps its hold, which then belongs to that capture.
+        Without conntrack-tools the open connections cannot be told apart, and the hold then waits until
+        the netns has no conntrack entry at all.
+        """
+        try:
+            check_netns(pod.netns)
+        except NamespaceNotFound:
+            return True
         families = [family for family in Family if ipt.family_available(family)]
-        for family in families:
-            self._release_family(pod, family)
-        if ipt.conntrack_count(pod.netns) == 0:
-            # Nothing is tracked, so nothing can be frozen: conntrack may stop with the hold (the next capture
-            # adds it again before any REDIRECT rule).
-            for family in families:
-                document = conntrack_release_document(ipt.save(pod.netns, family, self.backend, TABLE))
-                if document:
-                    ipt.restore(pod.netns, family, self.backend, document)
+        live = {family: ipt.save(pod.netns, family, self.backend, TABLE) for family in families}
+        holding = [family for family in families if CONNTRACK_CHAIN in live[family].chains]
+        if not holding:
+            return True
+        if any(set(OUR_CHAINS) & set(table.chains) for table in live.values()):
+            return True
+        still_open = ipt.conntrack_redirected_open(pod.netns)
+        if still_open is None:
+            if ipt.conntrack_count(pod.netns) != 0:
+                return False
+        elif still_open:
+            return False
+        for family in holding:
+            document = conntrack_release_document(live[family])
+            if document:
+                ipt.restore(pod.netns, family, self.backend, document)
+        if still_open is not None:
+            ipt.conntrack_flush(pod.netns)
+        return True
 
     def verify(self, pod: PodNet, directions=BOTH) -> list[str]:
         try:

@@ -49,6 +49,11 @@ class Family(enum.IntEnum):
     def label(self) -> str:
         return "IPv4" if self is Family.IPV4 else "IPv6"
 
+    @property
+    def conntrack_name(self) -> str:
+        """The family as conntrack-tools' `-f` spells it."""
+        return "ipv4" if self is Family.IPV4 else "ipv6"
+
 
 def tool(backend: Backend, family: Family, verb: str) -> str:
     """The Debian executable for a verb: `tool(NFT, IPV6, "restore")` → `ip6tables-nft-restore`."""
@@ -155,6 +160,48 @@ def set_conntrack_tcp_loose(netns: str, loose: bool) -> None:
                 f.write("1" if loose else "0")
         except OSError as exc:
             raise IptablesError(f"cannot set {CONNTRACK_TCP_LOOSE} in {netns}: {exc.strerror or exc}") from exc
+
+
+# TCP states of a connection still carrying data; TIME_WAIT and CLOSE entries only remember one that ended.
+_OPEN_TCP_STATES = frozenset({"SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK",
+                              "SYN_SENT2"})
+
+
+def conntrack_redirected_open(netns: str) -> int | None:
+    """How many TCP connections conntrack in the netns destination-translated (REDIRECT) that are still open;
+    None when it cannot tell (conntrack-tools missing). Asks the kernel with `conntrack -L --dst-nat`."""
+    total = 0
+    for family in Family:
+        try:
+            proc = run_in_netns(netns, ["conntrack", "-L", "-f", family.conntrack_name, "-p", "tcp", "--dst-nat"],
+                                capture_output=True, text=True, timeout=TOOL_TIMEOUT_SECONDS)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return None
+        if proc.returncode == 127:
+            return None
+        if proc.returncode != 0:
+            if family is Family.IPV6 and "not supported" in proc.stderr.lower():
+                continue
+            return None
+        # One entry per line: "tcp 6 <timeout> <STATE> src=... dst=... ...".
+        total += sum(1 for line in proc.stdout.splitlines()
+                     if len(line.split()) > 3 and line.split()[3] in _OPEN_TCP_STATES)
+    return total
+
+
+def conntrack_flush(netns: str) -> None:
+    """Delete every conntrack entry of the netns (both families)."""
+    for family in Family:
+        try:
+            proc = run_in_netns(netns, ["conntrack", "-F", "-f", family.conntrack_name],
+                                capture_output=True, text=True, timeout=TOOL_TIMEOUT_SECONDS)
+        except FileNotFoundError:
+            raise IptablesError("conntrack (conntrack-tools) is not installed") from None
+        except subprocess.TimeoutExpired:
+            raise IptablesError(f"conntrack -F in {netns} did not finish within {TOOL_TIMEOUT_SECONDS}s") from None
+        if proc.returncode != 0:
+            raise IptablesError(f"conntrack -F -f {family.conntrack_name} in {netns} failed: "
+                                f"{proc.stderr.strip() or proc.returncode}")
 
 
 # --- reading and writing a table in a netns ----------------------------------------------------------------

@@ -169,3 +169,66 @@ def test_a_connection_made_before_capture_is_not_redirected_mid_stream(topo, ech
     assert app.accepted == 1
     assert ipt.conntrack_tcp_loose(topo.pod) is False
     assert interceptor.verify(pod) == []
+
+
+def hold_in_place(netns: str) -> bool:
+    from meshcni.datapath.iptables import CONNTRACK_CHAIN, TABLE
+
+    return CONNTRACK_CHAIN in ipt.save(netns, ipt.Family.IPV4, ipt.Backend.NFT, TABLE).chains
+
+
+def test_release_with_no_redirected_connection_open_stops_tracking(topo, echo):  # noqa: F811
+    echo(topo.pod, "proxy", "127.0.0.1", 15001)
+    echo(topo.peer, "peer", "0.0.0.0", 8080)
+    interceptor = IptablesInterceptor("nft")
+    pod = topo.podnet(iptables_config(), ipv6=False)
+    interceptor.capture(pod)
+    conn = open_conn(topo.pod, topo.peer_ip, 8080)
+    assert ask(conn, "captured") == "proxy:captured"
+    abort(conn)  # ended: its entry may linger in conntrack, but nothing needs its translation any more
+    interceptor.release(pod)  # e.g. the pod moves to eBPF
+    assert not hold_in_place(topo.pod)
+    assert ipt.conntrack_count(topo.pod) == 0  # emptied as tracking stopped: nothing frozen
+    later = open_conn(topo.pod, topo.peer_ip, 8080)
+    try:
+        assert ask(later, "uncaptured") == "peer:uncaptured"
+        assert ipt.conntrack_count(topo.pod) == 0  # and the pod no longer pays conntrack per packet
+    finally:
+        later.close()
+
+
+def test_a_hold_kept_for_an_open_redirected_connection_goes_once_it_ends(topo, echo):  # noqa: F811
+    echo(topo.pod, "proxy", "127.0.0.1", 15001)
+    echo(topo.peer, "peer", "0.0.0.0", 8080)
+    interceptor = IptablesInterceptor("nft")
+    pod = topo.podnet(iptables_config(), ipv6=False)
+    interceptor.capture(pod)
+    conn = open_conn(topo.pod, topo.peer_ip, 8080)
+    assert ask(conn, "before") == "proxy:before"
+    interceptor.release(pod)
+    assert interceptor.drop_conntrack_hold(pod) is False  # still needed: the connection is open
+    assert hold_in_place(topo.pod)
+    assert ask(conn, "still") == "proxy:still"
+    abort(conn)  # a reset takes the entry straight out of the open states
+    assert interceptor.drop_conntrack_hold(pod) is True
+    assert not hold_in_place(topo.pod)
+    assert ipt.conntrack_count(topo.pod) == 0
+    # Captured again from here, the first connection is redirected as usual.
+    interceptor.capture(pod)
+    again = open_conn(topo.pod, topo.peer_ip, 8080)
+    try:
+        assert ask(again, "again") == "proxy:again"
+    finally:
+        again.close()
+    interceptor.release(pod)
+
+
+def test_a_live_capture_keeps_its_hold(topo):  # noqa: F811
+    interceptor = IptablesInterceptor("nft")
+    pod = topo.podnet(iptables_config(), ipv6=False)
+    interceptor.capture(pod)
+    assert interceptor.drop_conntrack_hold(pod) is True  # nothing to wait for: the hold is the capture's
+    assert hold_in_place(topo.pod)
+    assert interceptor.verify(pod) == []
+    interceptor.release(pod)
+    assert not hold_in_place(topo.pod)

@@ -1,0 +1,90 @@
+"""The agent's tick retries the conntrack hold a pod keeps after leaving iptables mode, until it goes.
+
+The iptables interceptor here is a stand-in that answers `drop_conntrack_hold` from a script: what the
+kernel answers is covered by tests/root/test_iptables_conntrack.py; this checks the agent asks again, stops
+asking once the hold is gone or the pod is back in iptables mode or deleted, and bounds a tick's work.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from meshcni.agent import core as agent_core
+from meshcni.agent.core import AgentCore
+from meshcni.agent.registry import PodRecord, Registry
+from meshcni.config import Mode
+
+
+class ScriptedIptables:
+    """Answers drop_conntrack_hold per pod from a list of results (the last one repeats)."""
+
+    def __init__(self, answers: dict[str, list[bool]]):
+        self.answers = answers
+        self.asked: list[str] = []
+        self.released: list[str] = []
+
+    def release(self, pod) -> None:
+        self.released.append(pod.key)
+
+    def drop_conntrack_hold(self, pod) -> bool:
+        self.asked.append(pod.key)
+        script = self.answers[pod.key]
+        return script.pop(0) if len(script) > 1 else script[0]
+
+
+@pytest.fixture
+def make_core(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent_core, "CONNTRACK_RETRY_S", 0.0)  # every tick is due: the test counts ticks
+
+    def make(answers: dict[str, list[bool]]):
+        registry = Registry(tmp_path)
+        registry.load()
+        for i, cid in enumerate(answers):
+            registry.put(PodRecord(container_id=cid, netns=f"/var/run/netns/p{i}", ips=[f"10.0.0.{i + 2}"],
+                                   pod_name=cid, pod_namespace="default", config={"mode": "ebpf"},
+                                   mode="ebpf", phase="captured"))
+        iptables = ScriptedIptables(answers)
+        core = AgentCore(registry, {Mode.IPTABLES: iptables})
+        return core, iptables
+
+    return make
+
+
+def leave_iptables(core: AgentCore, cid: str) -> None:
+    assert core._release(core.registry.get(cid), Mode.IPTABLES) == []
+
+
+def test_the_hold_is_retried_until_the_last_redirected_connection_ends(make_core):
+    core, iptables = make_core({"c-a": [False, False, True]})
+    leave_iptables(core, "c-a")
+    assert iptables.released == ["c-a"]
+    assert [core.drop_conntrack_holds() for _ in range(4)] == [0, 0, 1, 0]
+    assert iptables.asked == ["c-a"] * 3  # settled: never asked again
+
+
+def test_a_pod_back_in_iptables_mode_or_deleted_is_no_longer_asked_about(make_core):
+    core, iptables = make_core({"c-back": [False], "c-gone": [False]})
+    leave_iptables(core, "c-back")
+    leave_iptables(core, "c-gone")
+    core.registry.get("c-back").mode = Mode.IPTABLES.value  # its hold belongs to the new capture
+    core.registry.remove("c-gone")
+    assert core.drop_conntrack_holds() == 0
+    assert core.drop_conntrack_holds() == 0
+    assert iptables.asked == []
+
+
+def test_one_tick_asks_about_a_bounded_number_of_pods(make_core):
+    pods = {f"c-{i}": [True] for i in range(agent_core.CONNTRACK_PER_TICK + 3)}
+    core, iptables = make_core(pods)
+    for cid in pods:
+        leave_iptables(core, cid)
+    assert core.drop_conntrack_holds() == agent_core.CONNTRACK_PER_TICK
+    assert core.drop_conntrack_holds() == 3
+    assert sorted(iptables.asked) == sorted(pods)
+
+
+def test_leaving_another_mode_schedules_nothing(make_core):
+    core, iptables = make_core({"c-a": [False]})
+    core.interceptors[Mode.EBPF] = iptables  # any interceptor: only leaving iptables keeps conntrack on
+    assert core._release(core.registry.get("c-a"), Mode.EBPF) == []
+    assert core.drop_conntrack_holds() == 0 and iptables.asked == []
