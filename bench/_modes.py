@@ -11,8 +11,13 @@
   inbound listener (15006).
 - `iptables`: the same path made by Istio's nat rules (REDIRECT) inside both pods' namespaces.
 The lab is created without capture; each mode switches its mechanism on in `enter` and fully off in
-`leave` (the eBPF programs are unloaded and unpinned, not just the pods released), so no mode pays for
-another's hooks, and `enter` of every mode first proves that nothing else is still capturing. The eBPF mode
+`leave` (the eBPF programs are unloaded and unpinned, not just the pods released; the iptables rules and
+their conntrack hold are removed), so no mode pays for another's hooks, and `enter` of every mode first
+proves that nothing else is still capturing. `enter` also ends the TIME_WAIT sockets earlier runs left in
+the pods: under iptables the app's own socket carries the pod-to-pod 4-tuple, so its TIME_WAIT entries
+(60 s each, not reusable off loopback) occupy the ephemeral ports the next mode's proxy needs for the same
+destination, and connect() then searches the port range on every call. Each run starts from the same
+empty port space; what a mode leaves within its own run stays part of its figure. The eBPF mode
 records its pin directory and enrolled pods in the lab state before touching them, so `lab down` cleans up
 even if the bench dies half-way.
 """
@@ -24,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshcni.datapath.ebpf import EbpfDatapath
-from meshcni.datapath.iptables import OUR_CHAINS, IptablesInterceptor
+from meshcni.datapath.iptables import CONNTRACK_CHAIN, OUR_CHAINS, IptablesInterceptor
 from meshcni.lab import haproxy
 from meshcni.lab.lab import pod_net
 from meshcni.lab.state import LabState, PodState
 from meshcni.sys import iptables as ipt
+from meshcni.sys.netns import run_in_netns
 
 from _evidence import CaptureNotVerified, ProxyPath
 from _wrk import WrkResult
@@ -58,7 +64,36 @@ def capture_leftovers(b: Bench, *, ebpf: bool = True, iptables: bool = True) -> 
             ours = sorted(set(OUR_CHAINS) & set(table.chains))
             if ours:
                 found.append(f"iptables chains {', '.join(ours)} in pod {pod.name}")
+            if CONNTRACK_CHAIN in table.chains:  # conntrack would still track every packet in the pod
+                found.append(f"the conntrack hold ({CONNTRACK_CHAIN}) in pod {pod.name}")
     return found
+
+
+# How long Iptables.leave waits for the last redirected connection (e.g. one idling in a proxy's pool) to end.
+CONNTRACK_SETTLE_S = 30.0
+
+
+def end_time_wait(b: Bench) -> int:
+    """End every TIME_WAIT socket in the lab's pods (sock_diag destroy, `ss -K`); returns how many were left."""
+    ended = 0
+    for pod in b.state.pods:
+        proc = run_in_netns(pod.netns, ["ss", "-K", "-H", "-t", "state", "time-wait"],
+                            capture_output=True, text=True, timeout=60)
+        ended += len(proc.stdout.splitlines())
+        left = run_in_netns(pod.netns, ["ss", "-H", "-t", "state", "time-wait"],
+                            capture_output=True, text=True, timeout=60).stdout.splitlines()
+        if left:
+            raise CaptureNotVerified(f"{len(left)} TIME_WAIT sockets survived `ss -K` in pod {pod.name} "
+                                     f"(this kernel cannot destroy them); runs would not start alike")
+    return ended
+
+
+def start_clean(b: Bench, mode: str) -> dict:
+    """What every `enter` does first: prove nothing captures, and give the mode an empty port space."""
+    left = capture_leftovers(b)
+    if left:
+        raise CaptureNotVerified(f"mode {mode} must start from an uncaptured lab, but found: {'; '.join(left)}")
+    return {"time_wait_ended": end_time_wait(b)}
 
 
 class Mode:
@@ -69,10 +104,7 @@ class Mode:
 
     def enter(self, b: Bench) -> dict:
         """Switch the mode on; returns facts worth recording (e.g. how long loading took)."""
-        left = capture_leftovers(b)
-        if left:
-            raise CaptureNotVerified(f"mode {self.name} must run uncaptured, but found: {'; '.join(left)}")
-        return {}
+        return start_clean(b, self.name)
 
     def leave(self, b: Bench) -> None:
         """Switch the mode off again; the next mode's `enter` checks it really is off."""
@@ -143,9 +175,7 @@ class Ebpf(Mode):
     captured_by = "ebpf"
 
     def enter(self, b: Bench) -> dict:
-        left = capture_leftovers(b)
-        if left:
-            raise CaptureNotVerified(f"mode ebpf must start from an uncaptured lab, but found: {'; '.join(left)}")
+        facts = start_clean(b, self.name)
         st = b.state
         st.bpf_pin_dir = b.pin_dir  # recorded first: `lab down` unloads whatever part of this exists
         st.save()
@@ -160,7 +190,7 @@ class Ebpf(Mode):
         problems = {p.name: b.datapath.verify(pod_net(p)) for p in st.pods}
         if any(problems.values()):
             raise CaptureNotVerified(f"the eBPF datapath reports incomplete capture: {problems}")
-        return {"bpf_load_s": round(load_s, 3), "splice": bool(b.datapath.splice)}
+        return {**facts, "bpf_load_s": round(load_s, 3), "splice": bool(b.datapath.splice)}
 
     def leave(self, b: Bench) -> None:
         st = b.state
@@ -203,10 +233,7 @@ class Iptables(Mode):
     captured_by = "iptables"
 
     def enter(self, b: Bench) -> dict:
-        left = capture_leftovers(b)
-        if left:
-            raise CaptureNotVerified(
-                f"mode iptables must start from an uncaptured lab, but found: {'; '.join(left)}")
+        facts = start_clean(b, self.name)
         t0 = time.monotonic()
         for pod in b.state.pods:
             b.iptables.capture(pod_net(pod))
@@ -214,11 +241,19 @@ class Iptables(Mode):
         problems = {p.name: b.iptables.verify(pod_net(p)) for p in b.state.pods}
         if any(problems.values()):
             raise CaptureNotVerified(f"the iptables rules are not fully in place: {problems}")
-        return {"iptables_apply_s": round(apply_s, 3), "iptables_backend": b.iptables.backend.value}
+        return {**facts, "iptables_apply_s": round(apply_s, 3), "iptables_backend": b.iptables.backend.value}
 
     def leave(self, b: Bench) -> None:
+        """Remove the rules, then wait for the conntrack hold to go with the last redirected connection, as
+        the agent's tick would let it; the next mode's `enter` refuses to start while it is there."""
         for pod in b.state.pods:
             b.iptables.release(pod_net(pod))
+        deadline = time.monotonic() + CONNTRACK_SETTLE_S
+        held = list(b.state.pods)
+        while held and time.monotonic() < deadline:
+            held = [pod for pod in held if not b.iptables.drop_conntrack_hold(pod_net(pod))]
+            if held:
+                time.sleep(0.5)
 
     def proxy_path(self, b: Bench) -> ProxyPath:
         return _captured_path(b)
