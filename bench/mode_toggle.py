@@ -27,7 +27,9 @@ sys.path.insert(0, str(REPO))
 from meshcni.agent.client import AgentClient  # noqa: E402
 from meshcni.lab import agent as lab_agent  # noqa: E402
 from meshcni.lab import lab as lab_core  # noqa: E402
+from meshcni.datapath.iptables import CONNTRACK_CHAIN  # noqa: E402
 from meshcni.lab import haproxy, traffic  # noqa: E402
+from meshcni.sys import iptables as ipt  # noqa: E402
 from meshcni.lab import pod as podproc  # noqa: E402
 
 
@@ -38,6 +40,7 @@ def toggle_under_load(state, toggles: int, settle: float, order: str = "ab") -> 
     full_path = f"{b.name}-inbound,{a.name}-outbound"
     events: list[dict] = []
     counters: dict[str, dict[str, int]] = {}  # pod -> eBPF counters summed over its eBPF periods
+    held: list[dict[str, bool]] = []  # per eBPF period, at its end: pod -> conntrack hold still in place
     load = traffic.BackgroundLoad(state, a, b.ip, 80)
     try:
         time.sleep(settle)
@@ -52,6 +55,8 @@ def toggle_under_load(state, toggles: int, settle: float, order: str = "ab") -> 
                     client.set_mode(mode, f"lab/{pod.name}")
                     events.append({"pod": pod.name, "mode": mode, "start": started, "end": time.time()})
                 time.sleep(settle)
+                if mode == "ebpf":  # did the pods stop conntrack once iptables' last redirected connection ended?
+                    held.append({pod.name: conntrack_held(pod) for pod in pods})
             if toggles % 2 == 0:  # back in eBPF mode: add the last period
                 for pod in pods:
                     add_counters(counters, client, pod.name)
@@ -64,7 +69,13 @@ def toggle_under_load(state, toggles: int, settle: float, order: str = "ab") -> 
     half = {via: n for via, n in report["via"].items() if via != full_path}
     return {"report": report, "events": events, "full_path": full_path,
             "half_captured": sum(half.values()), "half_paths": half,
-            "incidents": incidents(report, events, full_path), "counters": counters, "client_retries": retried}
+            "incidents": incidents(report, events, full_path), "counters": counters, "client_retries": retried,
+            "conntrack_held_after_ebpf_periods": held}
+
+
+def conntrack_held(pod) -> bool:
+    table = ipt.save(pod.netns, ipt.Family.IPV4, ipt.detect_backend(), "nat")
+    return CONNTRACK_CHAIN in table.chains
 
 
 def add_counters(total: dict, client: AgentClient, pod: str) -> None:
@@ -117,7 +128,9 @@ def main() -> int:
     result = {"bench": "mode_toggle", "toggles": args.toggles, "settle": args.settle, "order": args.order,
               "requests": total, "failed": report["failed"], "half_captured": run["half_captured"],
               "errors": report["errors"], "via": report["via"], "incidents": run["incidents"],
-              "counters": run["counters"], "client_retries": run["client_retries"], "kernel": os.uname().release}
+              "counters": run["counters"], "client_retries": run["client_retries"],
+              "conntrack_held_after_ebpf_periods": run["conntrack_held_after_ebpf_periods"],
+              "kernel": os.uname().release}
     print("| live toggles (both pods) | requests | lost | half-captured | client retries | served by |\n"
           "|---|---|---|---|---|---|")
     print(f"| {args.toggles} | {total} | {report['failed']} | {run['half_captured']} | {run['client_retries']} | "
@@ -125,6 +138,10 @@ def main() -> int:
     if report["errors"]:
         print("errors:", json.dumps(report["errors"]))
     print("eBPF counters at the end:", json.dumps(run["counters"]))
+    periods = run["conntrack_held_after_ebpf_periods"]
+    still = sum(1 for period in periods for held in period.values() if held)
+    print(f"conntrack hold still in place at the end of an eBPF period: {still} of "
+          f"{sum(len(p) for p in periods)} pod-periods (dropped once no redirected connection is open)")
     for inc in run["incidents"]:
         print("incident:", json.dumps(inc))
     out = REPO / "bench" / "results" / f"mode_toggle-{time.strftime('%Y%m%d-%H%M%S')}.json"
