@@ -69,8 +69,8 @@ def capture_leftovers(b: Bench, *, ebpf: bool = True, iptables: bool = True) -> 
     return found
 
 
-# How long Iptables.leave waits for the last redirected connection (e.g. one idling in a proxy's pool) to end.
-CONNTRACK_SETTLE_S = 30.0
+# How long Iptables.leave waits for the last redirected connection to end, before and after ending idle ones.
+CONNTRACK_SETTLE_S = 10.0
 
 
 def end_time_wait(b: Bench) -> int:
@@ -85,6 +85,18 @@ def end_time_wait(b: Bench) -> int:
         if left:
             raise CaptureNotVerified(f"{len(left)} TIME_WAIT sockets survived `ss -K` in pod {pod.name} "
                                      f"(this kernel cannot destroy them); runs would not start alike")
+    return ended
+
+
+def end_sidecar_connections(b: Bench) -> int:
+    """End the established TCP connections of the lab's pods to or from an app or capture port (the proxies'
+    idle pooled connections once a run is over); returns how many sockets were ended."""
+    ended = 0
+    for pod in b.state.pods:
+        proc = run_in_netns(pod.netns, ["ss", "-K", "-H", "-t", "state", "established",
+                                        "( dport = :80 or sport = :80 or sport = :15006 or sport = :15001 )"],
+                            capture_output=True, text=True, timeout=60)
+        ended += len(proc.stdout.splitlines())
     return ended
 
 
@@ -248,12 +260,26 @@ class Iptables(Mode):
         the agent's tick would let it; the next mode's `enter` refuses to start while it is there."""
         for pod in b.state.pods:
             b.iptables.release(pod_net(pod))
+        held = self._settle(b, list(b.state.pods))
+        if held:
+            # What keeps them is the proxies' idle pooled connections (keep-alive: A's sidecar keeps its
+            # connections to B:80, which B redirected). No traffic flows between modes, so end them as an
+            # idle timeout would, rather than wait a minute for one; every mode builds its own pool anyway.
+            end_sidecar_connections(b)
+            held = self._settle(b, held)
+        if held:
+            raise CaptureNotVerified(f"the conntrack hold of pod(s) {', '.join(p.name for p in held)} did not go "
+                                     f"within {CONNTRACK_SETTLE_S:.0f}s of the last redirected connection")
+
+    @staticmethod
+    def _settle(b: Bench, pods: list) -> list:
         deadline = time.monotonic() + CONNTRACK_SETTLE_S
-        held = list(b.state.pods)
-        while held and time.monotonic() < deadline:
-            held = [pod for pod in held if not b.iptables.drop_conntrack_hold(pod_net(pod))]
-            if held:
-                time.sleep(0.5)
+        while pods:
+            pods = [pod for pod in pods if not b.iptables.drop_conntrack_hold(pod_net(pod))]
+            if not pods or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        return pods
 
     def proxy_path(self, b: Bench) -> ProxyPath:
         return _captured_path(b)
