@@ -1,4 +1,4 @@
-"""The five paths the throughput bench compares, as backends with the same verbs (enter, url, check, leave).
+"""The five paths the throughput bench compares (and an eBPF variant without splicing), as backends with the same verbs (enter, url, check, leave).
 
 - `direct`: pod A's client talks to nginx in pod B; nothing is captured and no proxy is crossed.
 - `explicit`: no capture; the client targets its own sidecar's explicit listener (127.0.0.1:15101), which
@@ -240,6 +240,20 @@ class Ebpf(Mode):
         return problems
 
 
+class EbpfWithoutSplice(Ebpf):
+    """`ebpf` with the proxy <-> proxy sk_msg splicing off, whatever the bench's --splice says: for
+    cost_per_request, which compares the two in one lab (throughput.py switches splicing per run instead)."""
+
+    name = "ebpf-nosplice"
+
+    def enter(self, b: Bench) -> dict:
+        self._splice, b.splice = b.splice, False
+        try:
+            return super().enter(b)
+        finally:
+            b.splice = self._splice
+
+
 class Iptables(Mode):
     name = "iptables"
     captured_by = "iptables"
@@ -285,4 +299,5 @@ class Iptables(Mode):
         return _captured_path(b)
 
 
-MODES: dict[str, type[Mode]] = {m.name: m for m in (Direct, Explicit, ExplicitRouted, Ebpf, Iptables)}
+MODES: dict[str, type[Mode]] = {m.name: m for m in (Direct, Explicit, ExplicitRouted, Ebpf, EbpfWithoutSplice,
+                                                    Iptables)}

@@ -8,6 +8,8 @@ the accounting reads the clock twice around every program run, which on this VM 
 request's machine CPU, so it is off while the modes are compared and the program figures are an upper bound.
 
     .venv/bin/python bench/cost_per_request.py [--rounds 4] [--duration 6] [--modes explicit,explicit-routed,ebpf]
+
+`--modes` takes any of bench/_modes.py's, including `ebpf-nosplice` (eBPF without proxy <-> proxy splicing).
 """
 
 from __future__ import annotations
