@@ -334,3 +334,57 @@ def test_fallback_sessions_can_be_cut_and_open_client_sessions_are_counted(uniqu
             _evidence.shut_fallback_sessions(state, _evidence.ProxyPath(fallback_sections={a.name: frozenset({"nope"})}))
     finally:
         lab_core.down(name)
+
+
+@pytest.mark.root
+def test_every_mode_starts_without_an_iptables_conntrack_hold_or_time_wait_sockets(unique_id, monkeypatch):
+    import socket
+
+    import _modes
+
+    from meshcni.datapath.iptables import CONNTRACK_CHAIN
+    from meshcni.lab import lab as lab_core
+    from meshcni.lab.lab import LabNames
+    from meshcni.sys import iptables as ipt
+    from meshcni.sys import netns
+
+    name = f"t-bclean-{unique_id}"
+    state = lab_core.up(lab_core.LabOptions(name=name, pods=2, capture=False))
+    try:
+        a, b = state.pods
+        bench = _modes.Bench(state=state, src=a, dst=b, pin_dir=str(LabNames(name).bpf_pin_dir))
+
+        def time_wait(pod) -> int:
+            out = netns.run_in_netns(pod.netns, ["ss", "-H", "-t", "state", "time-wait"],
+                                     capture_output=True, text=True, check=True).stdout
+            return len(out.splitlines())
+
+        def held(pod) -> bool:
+            return CONNTRACK_CHAIN in ipt.save(pod.netns, ipt.Family.IPV4, bench.iptables.backend, "nat").chains
+
+        # iptables on, one keep-alive request through both sidecars (A's keeps its pooled connection to B:80,
+        # which B's rules redirected), then off: leave must not return with the hold still in place. A short
+        # wait makes leave end that idle connection itself rather than outwait HAProxy's pool purge.
+        monkeypatch.setattr(_modes, "CONNTRACK_SETTLE_S", 1.0)
+        iptables = _modes.Iptables()
+        iptables.enter(bench)
+        with netns.in_netns(a.netns):
+            conn = socket.create_connection((b.ip, 80), timeout=5)
+        try:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        finally:
+            conn.close()  # the app closes first: its TIME_WAIT socket carries A -> B:80
+        iptables.leave(bench)
+        assert not held(a) and not held(b)
+        assert time_wait(a) >= 1
+        facts = _modes.Direct().enter(bench)
+        assert facts["time_wait_ended"] >= 1 and time_wait(a) == 0 and time_wait(b) == 0
+        # A hold left behind is refused by every mode, by name.
+        ipt.restore(b.netns, ipt.Family.IPV4, bench.iptables.backend,
+                    f"*nat\n:{CONNTRACK_CHAIN} - [0:0]\n-A {CONNTRACK_CHAIN} -m conntrack --ctstate INVALID -j RETURN\nCOMMIT\n")
+        for mode in (_modes.Direct(), _modes.Explicit(), _modes.Iptables()):
+            with pytest.raises(_evidence.CaptureNotVerified, match=f"conntrack hold .*{CONNTRACK_CHAIN}.* in pod {b.name}"):
+                mode.enter(bench)
+    finally:
+        lab_core.down(name)
