@@ -112,13 +112,18 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
-def test_a_redirected_connection_open_across_release_keeps_its_translation(topo, echo):  # noqa: F811
+def redirected_connection(topo, echo):  # noqa: F811
+    """A captured pod with an outbound proxy and a peer, and one open connection the rules redirected."""
     echo(topo.pod, "proxy", "127.0.0.1", 15001)
     echo(topo.peer, "peer", "0.0.0.0", 8080)
     interceptor = IptablesInterceptor("nft")
     pod = topo.podnet(iptables_config(), ipv6=False)
     interceptor.capture(pod)
-    conn = open_conn(topo.pod, topo.peer_ip, 8080)
+    return interceptor, pod, open_conn(topo.pod, topo.peer_ip, 8080)
+
+
+def test_a_redirected_connection_open_across_release_keeps_its_translation(topo, echo):  # noqa: F811
+    interceptor, pod, conn = redirected_connection(topo, echo)
     try:
         assert ask(conn, "before") == "proxy:before"
         interceptor.release(pod)  # e.g. the pod moves to eBPF; this connection is still the proxy's
@@ -178,12 +183,7 @@ def hold_in_place(netns: str) -> bool:
 
 
 def test_release_with_no_redirected_connection_open_stops_tracking(topo, echo):  # noqa: F811
-    echo(topo.pod, "proxy", "127.0.0.1", 15001)
-    echo(topo.peer, "peer", "0.0.0.0", 8080)
-    interceptor = IptablesInterceptor("nft")
-    pod = topo.podnet(iptables_config(), ipv6=False)
-    interceptor.capture(pod)
-    conn = open_conn(topo.pod, topo.peer_ip, 8080)
+    interceptor, pod, conn = redirected_connection(topo, echo)
     assert ask(conn, "captured") == "proxy:captured"
     abort(conn)  # ended: its entry may linger in conntrack, but nothing needs its translation any more
     interceptor.release(pod)  # e.g. the pod moves to eBPF
@@ -198,12 +198,7 @@ def test_release_with_no_redirected_connection_open_stops_tracking(topo, echo): 
 
 
 def test_a_hold_kept_for_an_open_redirected_connection_goes_once_it_ends(topo, echo):  # noqa: F811
-    echo(topo.pod, "proxy", "127.0.0.1", 15001)
-    echo(topo.peer, "peer", "0.0.0.0", 8080)
-    interceptor = IptablesInterceptor("nft")
-    pod = topo.podnet(iptables_config(), ipv6=False)
-    interceptor.capture(pod)
-    conn = open_conn(topo.pod, topo.peer_ip, 8080)
+    interceptor, pod, conn = redirected_connection(topo, echo)
     assert ask(conn, "before") == "proxy:before"
     interceptor.release(pod)
     assert interceptor.drop_conntrack_hold(pod) is False  # still needed: the connection is open
