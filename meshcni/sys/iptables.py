@@ -171,27 +171,23 @@ def conntrack_redirected_open(netns: str) -> int | None:
     """How many TCP connections conntrack in the netns destination-translated (REDIRECT) that are still open;
     None when it cannot tell (conntrack-tools missing). Asks the kernel with `conntrack -L --dst-nat`."""
     total = 0
-    for family in Family:
+    for family in filter(family_available, Family):
         try:
             proc = run_in_netns(netns, ["conntrack", "-L", "-f", family.conntrack_name, "-p", "tcp", "--dst-nat"],
                                 capture_output=True, text=True, timeout=TOOL_TIMEOUT_SECONDS)
         except (FileNotFoundError, subprocess.TimeoutExpired):
             return None
-        if proc.returncode == 127:
-            return None
         if proc.returncode != 0:
-            if family is Family.IPV6 and "not supported" in proc.stderr.lower():
-                continue
             return None
         # One entry per line: "tcp 6 <timeout> <STATE> src=... dst=... ...".
-        total += sum(1 for line in proc.stdout.splitlines()
-                     if len(line.split()) > 3 and line.split()[3] in _OPEN_TCP_STATES)
+        states = (line.split()[3:4] for line in proc.stdout.splitlines())
+        total += sum(1 for state in states if state and state[0] in _OPEN_TCP_STATES)
     return total
 
 
 def conntrack_flush(netns: str) -> None:
-    """Delete every conntrack entry of the netns (both families)."""
-    for family in Family:
+    """Delete every conntrack entry of the netns (each family the kernel runs)."""
+    for family in filter(family_available, Family):
         try:
             proc = run_in_netns(netns, ["conntrack", "-F", "-f", family.conntrack_name],
                                 capture_output=True, text=True, timeout=TOOL_TIMEOUT_SECONDS)

@@ -227,3 +227,14 @@ def test_a_live_capture_keeps_its_hold(topo):  # noqa: F811
     assert interceptor.verify(pod) == []
     interceptor.release(pod)
     assert not hold_in_place(topo.pod)
+
+
+def test_without_conntrack_tools_the_hold_waits_for_an_empty_table(topo, echo, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(ipt, "conntrack_redirected_open", lambda netns: None)  # as if the tool were missing
+    interceptor, pod, conn = redirected_connection(topo, echo)
+    assert ask(conn, "before") == "proxy:before"
+    abort(conn)  # ended, but its entry lingers and cannot be told apart from an open one
+    interceptor.release(pod)
+    assert ipt.conntrack_count(topo.pod) > 0
+    assert hold_in_place(topo.pod)
+    assert interceptor.drop_conntrack_hold(pod) is False
