@@ -1,4 +1,5 @@
-"""The five paths the throughput bench compares (and an eBPF variant without splicing), as backends with the same verbs (enter, url, check, leave).
+"""The five paths the throughput bench compares (and an eBPF variant without splicing), as backends with the
+same verbs (enter, url, check, leave).
 
 - `direct`: pod A's client talks to nginx in pod B; nothing is captured and no proxy is crossed.
 - `explicit`: no capture; the client targets its own sidecar's explicit listener (127.0.0.1:15101), which
@@ -74,7 +75,7 @@ CONNTRACK_SETTLE_S = 10.0
 
 
 def end_time_wait(b: Bench) -> int:
-    """End every TIME_WAIT socket in the lab's pods (sock_diag destroy, `ss -K`); returns how many were left."""
+    """End every TIME_WAIT socket in the lab's pods (sock_diag destroy, `ss -K`); returns how many it ended."""
     ended = 0
     for pod in b.state.pods:
         proc = run_in_netns(pod.netns, ["ss", "-K", "-H", "-t", "state", "time-wait"],
@@ -247,11 +248,11 @@ class EbpfWithoutSplice(Ebpf):
     name = "ebpf-nosplice"
 
     def enter(self, b: Bench) -> dict:
-        self._splice, b.splice = b.splice, False
+        splice, b.splice = b.splice, False
         try:
             return super().enter(b)
         finally:
-            b.splice = self._splice
+            b.splice = splice  # read at enrolment only, so the bench's own setting is back for `ebpf`
 
 
 class Iptables(Mode):

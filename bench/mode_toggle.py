@@ -25,12 +25,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from meshcni.agent.client import AgentClient  # noqa: E402
+from meshcni.datapath.iptables import IptablesInterceptor  # noqa: E402
 from meshcni.lab import agent as lab_agent  # noqa: E402
 from meshcni.lab import lab as lab_core  # noqa: E402
-from meshcni.datapath.iptables import CONNTRACK_CHAIN  # noqa: E402
 from meshcni.lab import haproxy, traffic  # noqa: E402
-from meshcni.sys import iptables as ipt  # noqa: E402
 from meshcni.lab import pod as podproc  # noqa: E402
+from meshcni.lab.lab import pod_net  # noqa: E402
 
 
 def toggle_under_load(state, toggles: int, settle: float, order: str = "ab") -> dict:
@@ -41,6 +41,7 @@ def toggle_under_load(state, toggles: int, settle: float, order: str = "ab") -> 
     events: list[dict] = []
     counters: dict[str, dict[str, int]] = {}  # pod -> eBPF counters summed over its eBPF periods
     held: list[dict[str, bool]] = []  # per eBPF period, at its end: pod -> conntrack hold still in place
+    iptables = IptablesInterceptor()  # only reads the pods' tables, with the backend the agent detects too
     load = traffic.BackgroundLoad(state, a, b.ip, 80)
     try:
         time.sleep(settle)
@@ -56,7 +57,7 @@ def toggle_under_load(state, toggles: int, settle: float, order: str = "ab") -> 
                     events.append({"pod": pod.name, "mode": mode, "start": started, "end": time.time()})
                 time.sleep(settle)
                 if mode == "ebpf":  # did the pods stop conntrack once iptables' last redirected connection ended?
-                    held.append({pod.name: conntrack_held(pod) for pod in pods})
+                    held.append({pod.name: iptables.conntrack_held(pod_net(pod)) for pod in pods})
             if toggles % 2 == 0:  # back in eBPF mode: add the last period
                 for pod in pods:
                     add_counters(counters, client, pod.name)
@@ -71,11 +72,6 @@ def toggle_under_load(state, toggles: int, settle: float, order: str = "ab") -> 
             "half_captured": sum(half.values()), "half_paths": half,
             "incidents": incidents(report, events, full_path), "counters": counters, "client_retries": retried,
             "conntrack_held_after_ebpf_periods": held}
-
-
-def conntrack_held(pod) -> bool:
-    table = ipt.save(pod.netns, ipt.Family.IPV4, ipt.detect_backend(), "nat")
-    return CONNTRACK_CHAIN in table.chains
 
 
 def add_counters(total: dict, client: AgentClient, pod: str) -> None:

@@ -442,6 +442,11 @@ class IptablesInterceptor:
             ipt.conntrack_flush(pod.netns)
         return True
 
+    def conntrack_held(self, pod: PodNet) -> bool:
+        """Whether the pod netns still has the conntrack hold, in either family."""
+        return any(CONNTRACK_CHAIN in ipt.save(pod.netns, family, self.backend, TABLE).chains
+                   for family in Family if ipt.family_available(family))
+
     def verify(self, pod: PodNet, directions=BOTH) -> list[str]:
         try:
             check_netns(pod.netns)

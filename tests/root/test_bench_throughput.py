@@ -344,7 +344,7 @@ def test_every_mode_starts_without_an_iptables_conntrack_hold_or_time_wait_socke
 
     from meshcni.datapath.iptables import CONNTRACK_CHAIN
     from meshcni.lab import lab as lab_core
-    from meshcni.lab.lab import LabNames
+    from meshcni.lab.lab import LabNames, pod_net
     from meshcni.sys import iptables as ipt
     from meshcni.sys import netns
 
@@ -358,9 +358,6 @@ def test_every_mode_starts_without_an_iptables_conntrack_hold_or_time_wait_socke
             out = netns.run_in_netns(pod.netns, ["ss", "-H", "-t", "state", "time-wait"],
                                      capture_output=True, text=True, check=True).stdout
             return len(out.splitlines())
-
-        def held(pod) -> bool:
-            return CONNTRACK_CHAIN in ipt.save(pod.netns, ipt.Family.IPV4, bench.iptables.backend, "nat").chains
 
         # iptables on, one keep-alive request through both sidecars (A's keeps its pooled connection to B:80,
         # which B's rules redirected), then off: leave must not return with the hold still in place. A short
@@ -376,7 +373,7 @@ def test_every_mode_starts_without_an_iptables_conntrack_hold_or_time_wait_socke
         finally:
             conn.close()  # the app closes first: its TIME_WAIT socket carries A -> B:80
         iptables.leave(bench)
-        assert not held(a) and not held(b)
+        assert not bench.iptables.conntrack_held(pod_net(a)) and not bench.iptables.conntrack_held(pod_net(b))
         assert time_wait(a) >= 1
         facts = _modes.Direct().enter(bench)
         assert facts["time_wait_ended"] >= 1 and time_wait(a) == 0 and time_wait(b) == 0

@@ -176,18 +176,12 @@ def test_a_connection_made_before_capture_is_not_redirected_mid_stream(topo, ech
     assert interceptor.verify(pod) == []
 
 
-def hold_in_place(netns: str) -> bool:
-    from meshcni.datapath.iptables import CONNTRACK_CHAIN, TABLE
-
-    return CONNTRACK_CHAIN in ipt.save(netns, ipt.Family.IPV4, ipt.Backend.NFT, TABLE).chains
-
-
 def test_release_with_no_redirected_connection_open_stops_tracking(topo, echo):  # noqa: F811
     interceptor, pod, conn = redirected_connection(topo, echo)
     assert ask(conn, "captured") == "proxy:captured"
     abort(conn)  # ended: its entry may linger in conntrack, but nothing needs its translation any more
     interceptor.release(pod)  # e.g. the pod moves to eBPF
-    assert not hold_in_place(topo.pod)
+    assert not interceptor.conntrack_held(pod)
     assert ipt.conntrack_count(topo.pod) == 0  # emptied as tracking stopped: nothing frozen
     later = open_conn(topo.pod, topo.peer_ip, 8080)
     try:
@@ -202,11 +196,11 @@ def test_a_hold_kept_for_an_open_redirected_connection_goes_once_it_ends(topo, e
     assert ask(conn, "before") == "proxy:before"
     interceptor.release(pod)
     assert interceptor.drop_conntrack_hold(pod) is False  # still needed: the connection is open
-    assert hold_in_place(topo.pod)
+    assert interceptor.conntrack_held(pod)
     assert ask(conn, "still") == "proxy:still"
     abort(conn)  # a reset takes the entry straight out of the open states
     assert interceptor.drop_conntrack_hold(pod) is True
-    assert not hold_in_place(topo.pod)
+    assert not interceptor.conntrack_held(pod)
     assert ipt.conntrack_count(topo.pod) == 0
     # Captured again from here, the first connection is redirected as usual.
     interceptor.capture(pod)
@@ -223,10 +217,10 @@ def test_a_live_capture_keeps_its_hold(topo):  # noqa: F811
     pod = topo.podnet(iptables_config(), ipv6=False)
     interceptor.capture(pod)
     assert interceptor.drop_conntrack_hold(pod) is True  # nothing to wait for: the hold is the capture's
-    assert hold_in_place(topo.pod)
+    assert interceptor.conntrack_held(pod)
     assert interceptor.verify(pod) == []
     interceptor.release(pod)
-    assert not hold_in_place(topo.pod)
+    assert not interceptor.conntrack_held(pod)
 
 
 def test_without_conntrack_tools_the_hold_waits_for_an_empty_table(topo, echo, monkeypatch):  # noqa: F811
@@ -236,5 +230,5 @@ def test_without_conntrack_tools_the_hold_waits_for_an_empty_table(topo, echo, m
     abort(conn)  # ended, but its entry lingers and cannot be told apart from an open one
     interceptor.release(pod)
     assert ipt.conntrack_count(topo.pod) > 0
-    assert hold_in_place(topo.pod)
+    assert interceptor.conntrack_held(pod)
     assert interceptor.drop_conntrack_hold(pod) is False
