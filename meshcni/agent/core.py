@@ -378,6 +378,12 @@ class AgentCore:
                 except (AgentError, ConfigError) as exc:
                     report["failed"] += 1
                     log.error("pod %s: could not re-adopt: %s", record.display_name, exc)
+                    continue
+                if Mode.IPTABLES in self.interceptors and record.mode != Mode.IPTABLES.value:
+                    # The retry schedule of a conntrack hold lives in memory: a pod the previous agent moved out
+                    # of iptables mode under load may still hold conntrack on. Look once (a pod that never left
+                    # iptables mode costs one check); the tick spreads the checks CONNTRACK_PER_TICK at a time.
+                    self._conntrack_due.setdefault(record.container_id, time.monotonic())
         return report
 
     def adopt_listeners(self) -> int:

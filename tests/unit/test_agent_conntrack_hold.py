@@ -26,6 +26,9 @@ class ScriptedIptables:
     def release(self, pod) -> None:
         self.released.append(pod.key)
 
+    def capture(self, pod) -> None:  # re-adopting a pod in iptables mode after an agent restart
+        pass
+
     def drop_conntrack_hold(self, pod) -> bool:
         self.asked.append(pod.key)
         script = self.answers[pod.key]
@@ -36,13 +39,13 @@ class ScriptedIptables:
 def make_core(tmp_path, monkeypatch):
     monkeypatch.setattr(agent_core, "CONNTRACK_RETRY_S", 0.0)  # every tick is due: the test counts ticks
 
-    def make(answers: dict[str, list[bool]]):
+    def make(answers: dict[str, list[bool]], mode: str = "ebpf"):
         registry = Registry(tmp_path)
         registry.load()
         for i, cid in enumerate(answers):
             registry.put(PodRecord(container_id=cid, netns=f"/var/run/netns/p{i}", ips=[f"10.0.0.{i + 2}"],
-                                   pod_name=cid, pod_namespace="default", config={"mode": "ebpf"},
-                                   mode="ebpf", phase="captured"))
+                                   pod_name=cid, pod_namespace="default", config={"mode": mode},
+                                   mode=mode, phase="captured"))
         iptables = ScriptedIptables(answers)
         core = AgentCore(registry, {Mode.IPTABLES: iptables})
         return core, iptables
@@ -88,3 +91,24 @@ def test_leaving_another_mode_schedules_nothing(make_core):
     core.interceptors[Mode.EBPF] = iptables  # any interceptor: only leaving iptables keeps conntrack on
     assert core._release(core.registry.get("c-a"), Mode.EBPF) == []
     assert core.drop_conntrack_holds() == 0 and iptables.asked == []
+
+
+def test_a_restarted_agent_looks_again_at_pods_outside_iptables_mode(make_core, monkeypatch, tmp_path):
+    # The first agent moved a pod from iptables to off with a redirected connection open, then died before
+    # its tick saw the connection end: the schedule was in its memory, the hold is in the pod netns.
+    core, iptables = make_core({"c-off": [False, True]}, mode="off")
+    leave_iptables(core, "c-off")
+    monkeypatch.setattr(agent_core.netns_sys, "check_netns", lambda path: None)  # the netns paths are made up
+    restarted = AgentCore(Registry(tmp_path), {Mode.IPTABLES: iptables}, node_mode=Mode.OFF)
+    assert restarted.recover()["readopted"] == 1
+    assert [restarted.drop_conntrack_holds() for _ in range(3)] == [0, 1, 0]
+    assert iptables.asked == ["c-off"] * 2
+
+
+def test_a_restarted_agent_leaves_the_hold_of_a_pod_still_in_iptables_mode_alone(make_core, monkeypatch,
+                                                                                  tmp_path):
+    core, iptables = make_core({"c-ipt": [True]}, mode="iptables")
+    monkeypatch.setattr(agent_core.netns_sys, "check_netns", lambda path: None)
+    restarted = AgentCore(Registry(tmp_path), {Mode.IPTABLES: iptables}, node_mode=Mode.IPTABLES)
+    assert restarted.recover()["readopted"] == 1
+    assert restarted.drop_conntrack_holds() == 0 and iptables.asked == []
