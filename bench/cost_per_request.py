@@ -4,8 +4,9 @@
 It brings up its own two-pod lab, takes turns between the modes for `--rounds` rounds (each round an untimed
 1 s warm-up, then a measured wrk run), and prints medians. Program run time comes from the kernel's own
 accounting (`kernel.bpf_stats_enabled`, read with `bpftool prog show`) in one extra eBPF run after the rounds:
-the accounting reads the clock twice around every program run, which on this VM added ~15 µs to an eBPF
-request's machine CPU, so it is off while the modes are compared and the program figures are an upper bound.
+the accounting reads the clock twice around every program run, which on this VM has added from nothing
+measurable to ~80 µs to an eBPF request's machine CPU, so it is off while the modes are compared and the
+program figures are an upper bound.
 
     .venv/bin/python bench/cost_per_request.py [--rounds 4] [--duration 6] [--modes explicit,explicit-routed,ebpf]
 
