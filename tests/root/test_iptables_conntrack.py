@@ -16,6 +16,10 @@ import threading
 
 import pytest
 
+from meshcni.agent import core as agent_core
+from meshcni.agent.core import AgentCore
+from meshcni.agent.registry import PodRecord, Registry
+from meshcni.config import Mode
 from meshcni.datapath.iptables import IptablesInterceptor
 from meshcni.sys import iptables as ipt
 from meshcni.sys.netns import in_netns
@@ -232,3 +236,29 @@ def test_without_conntrack_tools_the_hold_waits_for_an_empty_table(topo, echo, m
     assert ipt.conntrack_count(topo.pod) > 0
     assert interceptor.conntrack_held(pod)
     assert interceptor.drop_conntrack_hold(pod) is False
+
+
+def test_an_agent_restarted_while_a_redirected_connection_is_open_still_drops_the_hold(topo, echo, tmp_path,  # noqa: F811
+                                                                                      monkeypatch):
+    monkeypatch.setattr(agent_core, "CONNTRACK_RETRY_S", 0.0)  # every tick is due: the test counts ticks
+    interceptor, pod, conn = redirected_connection(topo, echo)
+    registry = Registry(tmp_path)
+    registry.load()
+    registry.put(PodRecord(container_id="c-restart", netns=topo.pod, ips=[topo.pod_ip], pod_name="restart",
+                           pod_namespace="default", config=pod.config.to_dict(), mode=Mode.IPTABLES.value,
+                           phase="captured"))
+    first = AgentCore(registry, {Mode.IPTABLES: interceptor}, node_mode=Mode.IPTABLES)
+    try:
+        assert ask(conn, "before") == "proxy:before"
+        first.set_pod_mode("c-restart", Mode.OFF.value)  # the connection is open: the hold stays
+        assert interceptor.conntrack_held(pod)
+        # The first agent dies here, its retry schedule with it; the pod record on disk says "off".
+        restarted = AgentCore(Registry(tmp_path), {Mode.IPTABLES: interceptor}, node_mode=Mode.IPTABLES)
+        assert restarted.recover()["readopted"] == 1
+        assert restarted.drop_conntrack_holds() == 0  # still needed: the connection is open
+        assert ask(conn, "still") == "proxy:still"
+    finally:
+        abort(conn)
+    assert restarted.drop_conntrack_holds() == 1
+    assert not interceptor.conntrack_held(pod)
+    assert ipt.conntrack_count(topo.pod) == 0
