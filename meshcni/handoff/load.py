@@ -118,18 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expect-header", help="NAME=VALUE a proxied response carries (lower-case name)")
     args = ap.parse_args(argv)
     load = Load(args.host, args.port, args.expect_header)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    # The stop signals are blocked in every thread (the workers inherit the mask) and taken synchronously
+    # here. A Python handler that set an Event could deadlock: it runs in the main thread, which may hold
+    # that Event's own lock at that moment (inside wait()), and the lock is not reentrant.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     started = time.monotonic()
     threads = [threading.Thread(target=load.worker, daemon=True) for _ in range(args.concurrency)]
     for t in threads:
         t.start()
-    while not load.first_ok.wait(0.05):
-        if done.is_set():
-            break
+    stopped = False
+    while not load.first_ok.is_set() and not stopped:
+        stopped = signal.sigtimedwait(stop_signals, 0.05) is not None
     print("running", flush=True)
-    done.wait()
+    if not stopped:
+        signal.sigwait(stop_signals)
     load.stop.set()
     for t in threads:
         t.join(TIMEOUT + 1)
