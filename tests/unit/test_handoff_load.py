@@ -3,8 +3,9 @@ the signal lands, and reports what it counted.
 
 It once set a threading.Event from a Python signal handler: when the signal landed while the main thread
 held that Event's lock (inside wait()), the handler blocked on it for good and the workers kept going, so
-about one stop in 150 hung (a hot-upgrade test timed out on a fresh clone). The stop cycles here reproduce
-that rate's conditions against a loopback HTTP server; only loopback is used.
+about one stop in 150 hung (2 of 300 against a loopback server; a hot-upgrade test timed out on a fresh
+clone). The 60 stop cycles here, against a loopback HTTP server, caught the old code: a hang fails the test
+by count, not by a time bound.
 """
 
 from __future__ import annotations
