@@ -227,7 +227,7 @@ def render_status(d: dict) -> str:
         procs = "  ".join(f"{n}:{v['pid']}{'' if v['alive'] else '(dead)'}" for n, v in p["processes"].items())
         flags = [] if p["netns_present"] else ["netns missing"]
         if p["captured"]:
-            flags.append("captured")
+            flags.append(f"captured ({p['capture_mode']})" if p.get("capture_mode") else "captured")
         lines.append(f"  pod {p['name']:<3} {p['ip'] or '-':<15} {procs}  {' '.join(flags)}".rstrip())
         lines += [f"      capture problem: {x}" for x in p.get("capture_problems", [])]
     return "\n".join(lines)

@@ -416,19 +416,43 @@ def _teardown_by_convention(name: str, sdir: Path) -> DownReport:
 # -------------------------------------------------------------------------------------------------- status
 
 
-def _capture_problems(state: LabState) -> dict[str, list[str]]:
-    """What the datapath says is wrong with each captured pod's capture (empty lists when all is in place)."""
+def _capture_problems(state: LabState) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """What is wrong with each captured pod's capture (empty lists when all is in place), and each captured
+    pod's capture mode. A lab with an agent asks the agent (CheckPod), since a pod may be in iptables mode
+    or off; without one, the lab enrolled the pods into the eBPF datapath itself and asks that."""
     captured = [p for p in state.pods if p.captured]
-    if not captured or not state.bpf_pin_dir:
-        return {}
+    if not captured:
+        return {}, {}
+    if state.use_agent:
+        return _agent_capture_problems(state, captured)
+    if not state.bpf_pin_dir:
+        return {}, {}
     try:
         dp = datapath(state)
     except (LabError, SysError) as exc:
-        return {p.name: [f"cannot open the datapath: {exc}"] for p in captured}
+        return {p.name: [f"cannot open the datapath: {exc}"] for p in captured}, {}
     try:
-        return {p.name: dp.verify(pod_net(p)) for p in captured}
+        return {p.name: dp.verify(pod_net(p)) for p in captured}, {p.name: "ebpf" for p in captured}
     finally:
         dp.close()
+
+
+def _agent_capture_problems(state: LabState, captured: list[PodState]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    from meshcni.agent.client import AgentCallError, AgentClient, AgentNotRunning
+
+    try:
+        with AgentClient(str(lab_agent.paths(state)["socket"]), timeout=10.0) as client:
+            modes = {p["container_id"]: p["mode"] for p in client.list_pods()}
+            problems = {}
+            for pod in captured:
+                if pod.container_id not in modes:
+                    problems[pod.name] = ["the lab's agent has not enrolled this pod"]
+                    continue
+                reply = client.check_pod(container_id=pod.container_id, netns=pod.netns, ifname=pod.ifname)
+                problems[pod.name] = list(reply.get("problems", []))
+    except (AgentNotRunning, AgentCallError) as exc:
+        return {p.name: [f"the lab's agent does not answer: {exc}"] for p in captured}, {}
+    return problems, {p.name: modes[p.container_id] for p in captured if p.container_id in modes}
 
 
 def load(name: str, state_dir: Path | None = None) -> LabState:
@@ -441,7 +465,7 @@ def load(name: str, state_dir: Path | None = None) -> LabState:
 
 
 def status(state: LabState) -> dict:
-    problems = _capture_problems(state)
+    problems, modes = _capture_problems(state)
     pods = []
     for pod in state.pods:
         health = podproc.health(pod)
@@ -457,6 +481,7 @@ def status(state: LabState) -> dict:
                 },
                 "healthy": bool(health) and all(health.values()) and not problems.get(pod.name),
                 "captured": pod.captured,
+                "capture_mode": modes.get(pod.name),
                 "capture_problems": problems.get(pod.name, []),
             }
         )

@@ -18,6 +18,7 @@ from meshcni.lab import agent as lab_agent  # noqa: E402
 from meshcni.lab import lab as lab_core  # noqa: E402
 from meshcni.lab import haproxy, traffic  # noqa: E402
 from meshcni.lab import pod as podproc  # noqa: E402
+from meshcni.sys import iptables as ipt  # noqa: E402
 
 
 @pytest.fixture
@@ -98,6 +99,29 @@ def test_each_live_mode_switch_takes_effect_for_new_connections(lab):
             assert moved == (1 if wanted == "ebpf" else 0)
         # back to annotations and the node default
         assert c.set_mode("", f"lab/{a.name}")["changed"][0]["mode_source"] == "node"
+
+
+def test_lab_status_checks_each_pod_in_its_own_mode(lab):
+    """`lab status` asks the agent: a pod in iptables mode is checked against its rules, not reported as
+    missing from the eBPF datapath, and a rule deleted behind the agent's back shows up for that pod only."""
+    a, b = lab.pods
+    with AgentClient(str(lab_agent.paths(lab)["socket"])) as c:
+        assert c.set_mode("iptables", f"lab/{a.name}")["changed"][0]["mode"] == "iptables"
+        st = lab_core.status(lab)
+        assert [(p["capture_mode"], p["capture_problems"]) for p in st["pods"]] == [("iptables", []), ("ebpf", [])]
+        assert st["healthy"] is True
+
+        backend = ipt.detect_backend()
+        ipt.restore(a.netns, ipt.Family.IPV4, backend, "*nat\n-F ISTIO_OUTPUT\nCOMMIT\n")
+        st = lab_core.status(lab)
+        problems = {p["name"]: p["capture_problems"] for p in st["pods"]}
+        assert problems[b.name] == []
+        assert any("ISTIO_OUTPUT" in x for x in problems[a.name]), problems
+        assert st["healthy"] is False
+
+        assert c.set_mode("ebpf", f"lab/{a.name}")["changed"][0]["mode"] == "ebpf"
+        st = lab_core.status(lab)
+        assert [(p["capture_mode"], p["capture_problems"]) for p in st["pods"]] == [("ebpf", []), ("ebpf", [])]
 
 
 TOGGLES = 40
