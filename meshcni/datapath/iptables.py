@@ -442,6 +442,33 @@ class IptablesInterceptor:
             ipt.conntrack_flush(pod.netns)
         return True
 
+    def counters(self, pod: PodNet) -> dict[str, int]:
+        """The pod's capture counters from its rules' own packet counts, named like the eBPF datapath's.
+
+        The nat table sees only the first packet of each connection, so a rule's packet count is the number
+        of connections it decided: REDIRECT in ISTIO_REDIRECT (outbound_captured) and ISTIO_IN_REDIRECT
+        (inbound_steered), RETURN in ISTIO_OUTPUT and ISTIO_INBOUND (bypassed: the proxy's own connections,
+        loopback, excluded ports and CIDRs). Summed over IPv4 and IPv6. The counts live in the rules, so they
+        start from zero whenever the pod enters iptables mode; a pod without our rules counts nothing.
+        """
+        totals = {"outbound_captured": 0, "inbound_steered": 0, "bypassed": 0}
+        try:
+            check_netns(pod.netns)
+        except NamespaceNotFound:
+            return totals
+        for family in Family:
+            if not ipt.family_available(family):
+                continue
+            for chain, spec, packets, _bytes in ipt.rule_counters(pod.netns, family, self.backend, TABLE):
+                target = ipt.rule_target(spec)
+                if target == "REDIRECT" and chain == REDIRECT:
+                    totals["outbound_captured"] += packets
+                elif target == "REDIRECT" and chain == IN_REDIRECT:
+                    totals["inbound_steered"] += packets
+                elif target == "RETURN" and chain in (OUTPUT, INBOUND):
+                    totals["bypassed"] += packets
+        return totals
+
     def conntrack_held(self, pod: PodNet) -> bool:
         """Whether the pod netns still has the conntrack hold, in either family."""
         return any(CONNTRACK_CHAIN in ipt.save(pod.netns, family, self.backend, TABLE).chains

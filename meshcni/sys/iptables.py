@@ -268,6 +268,32 @@ def save(netns: str, family: Family, backend: Backend, table: str = "nat") -> Ta
     return parse_save(proc.stdout, table)
 
 
+_COUNTED_RULE = re.compile(r"^\[(\d+):(\d+)\]\s+-A\s+(\S+)\s+(.*)$")
+
+
+def parse_rule_counters(text: str, table: str) -> list[tuple[str, str, int, int]]:
+    """(chain, rule spec, packets, bytes) of every rule of `table` in `iptables-save -c` output, in order."""
+    rules = []
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("*"):
+            current = line[1:].strip()
+        elif line == "COMMIT":
+            current = None
+        elif current == table:
+            m = _COUNTED_RULE.match(line)
+            if m:
+                rules.append((m.group(3), m.group(4), int(m.group(1)), int(m.group(2))))
+    return rules
+
+
+def rule_counters(netns: str, family: Family, backend: Backend, table: str = "nat") -> list[tuple[str, str, int, int]]:
+    """The packet and byte counters of every rule of one table in the netns (see `parse_rule_counters`)."""
+    proc = _run(netns, [tool(backend, family, "save"), "-c", "-t", table], stdin=None)
+    return parse_rule_counters(proc.stdout, table)
+
+
 def restore(netns: str, family: Family, backend: Backend, document: str) -> None:
     """Apply an iptables-restore document in the netns as one transaction, keeping every other rule.
 

@@ -422,6 +422,33 @@ def test_release_stops_redirecting(topo, listeners):
     assert connect_as(topo.pod, APP_UID, topo.peer_ip, 8080, "released") == "peer"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counters_count_each_connection_the_rules_decided_once(topo, listeners, backend):
+    """`counters` reads the rules' packet counts: the nat table sees a connection's first packet only, so
+    each connection counts once however many packets it carries, under the eBPF datapath's names."""
+    listeners(topo.pod, "outbound-proxy", "127.0.0.1", 15001)
+    listeners(topo.pod, "inbound-proxy", "0.0.0.0", 15006)
+    listeners(topo.peer, "peer", "0.0.0.0", 8080)
+    interceptor = IptablesInterceptor(backend)
+    pod = topo.podnet(iptables_config())
+    assert interceptor.counters(pod) == {"outbound_captured": 0, "inbound_steered": 0, "bypassed": 0}
+
+    interceptor.capture(pod)
+    assert interceptor.counters(pod) == {"outbound_captured": 0, "inbound_steered": 0, "bypassed": 0}
+    assert connect_as(topo.pod, APP_UID, topo.peer_ip, 8080, "app-1") == "outbound-proxy"
+    assert connect_as(topo.pod, APP_UID, topo.peer_ip, 8080, "app-2") == "outbound-proxy"
+    assert connect_as(topo.pod, PROXY_UID, topo.peer_ip, 8080, "proxy") == "peer"  # the proxy's own: RETURN
+    assert connect_from(topo.peer, topo.pod_ip, 80, "remote") == "inbound-proxy"
+    assert interceptor.counters(pod) == {"outbound_captured": 2, "inbound_steered": 1, "bypassed": 1}
+
+    # The counts live in the rules: released, nothing counts; captured again, they start from zero.
+    interceptor.release(pod)
+    assert interceptor.counters(pod) == {"outbound_captured": 0, "inbound_steered": 0, "bypassed": 0}
+    interceptor.capture(pod)
+    assert interceptor.counters(pod) == {"outbound_captured": 0, "inbound_steered": 0, "bypassed": 0}
+    interceptor.release(pod)
+
+
 def test_backend_detection_only_reads_the_host(monkeypatch):
     monkeypatch.delenv(ipt.BACKEND_ENV, raising=False)
     before = host_snapshot()
