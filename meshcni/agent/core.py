@@ -307,10 +307,28 @@ class AgentCore:
         return record.slot
 
     def counters(self, record: PodRecord) -> dict[str, int]:
+        """The pod's capture counters from whatever captures it: the eBPF slot's per-CPU sums, the iptables
+        rules' packet counts (see IptablesInterceptor.counters), or both on a hybrid node, where each owns
+        its own directions and the two add up. A pod in mode off has none."""
         slot = self.slot_of(record)
-        if slot is None:
-            return {}
-        return self.ebpf.counters(slot)
+        totals = dict(self.ebpf.counters(slot)) if slot is not None else {}
+        iptables = self._iptables_capturing(Mode(record.mode))
+        if iptables is not None:
+            pod = self._pod_net(record, PodConfig.from_dict(record.config))
+            for name, value in iptables.counters(pod).items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
+
+    def _iptables_capturing(self, mode: Mode):
+        """The iptables interceptor that captures some direction of a pod in `mode`, if any."""
+        if mode is Mode.IPTABLES:
+            return self.interceptors.get(Mode.IPTABLES)
+        if mode is Mode.EBPF:
+            hybrid = self.interceptors.get(Mode.EBPF)
+            plan = getattr(hybrid, "plan", None)  # only a HybridInterceptor has a plan
+            if plan is not None and plan.directions(Mode.IPTABLES):
+                return hybrid.iptables
+        return None
 
     # --- proxies ------------------------------------------------------------------------------------------
 

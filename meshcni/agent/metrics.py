@@ -1,9 +1,11 @@
-"""Prometheus metrics: per-pod datapath counters read from the BPF maps at scrape time, plus agent health.
+"""Prometheus metrics: per-pod capture counters read at scrape time, plus agent health.
 
-The per-CPU counters in `mcni_counters_v1` are the source of truth, so they are read when Prometheus
-scrapes rather than copied into client-side counters: nothing drifts, and the totals carry on across an
-agent restart because the pinned map does. Names follow Prometheus conventions (`meshcni_` prefix,
-`_total` for counters, base units); labels are pod, namespace, direction and mode.
+The counters are read where they live when Prometheus scrapes rather than copied into client-side
+counters, so nothing drifts: the per-CPU counters in `mcni_counters_v1` for eBPF (the totals carry on across
+an agent restart because the pinned map does), the nat rules' packet counts for iptables (one subprocess
+per IP family per pod; they start from zero each time a pod enters iptables mode, which Prometheus reads as
+a counter reset). Names follow Prometheus conventions (`meshcni_` prefix, `_total` for counters, base
+units); labels are pod, namespace, direction and mode.
 
 The HTTP server answers `/metrics` and `/healthz` (200 once the datapath is loaded or the node runs
 without eBPF, 503 otherwise — the DaemonSet's readiness probe).

@@ -3,8 +3,9 @@ pod-to-pod HTTP in a lab still goes through both sidecars — each direction by 
 
 Evidence is counted, as deltas: HAProxy frontend sessions (which proxy handled the connection), the eBPF
 datapath's per-pod counters (`outbound_captured` moves only when connect() capture did it,
-`inbound_steered` only when sk_lookup did), and the live nat rules in each pod's netns. The lab starts
-without capture; the test loads its own datapath on the lab's cgroup and removes it afterwards.
+`inbound_steered` only when sk_lookup did), the rules' own counts for the other direction, and the live
+nat rules in each pod's netns. The lab starts without capture; the test loads its own datapath on the lab's
+cgroup and removes it afterwards.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ try:
 except ImportError:
     HAVE_BCC = False
 
+IPT = IptablesInterceptor()  # reads the rules' counters, whichever interceptor wrote them
 HOST_SAVE_TOOLS = ["iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"]
 
 
@@ -95,6 +97,7 @@ def _check_pod_to_pod(state, dp, *, outbound_by_ebpf: bool, inbound_by_ebpf: boo
     for src, dst in ((a, b), (b, a)):
         fs_src, fs_dst = _frontends(state, src), _frontends(state, dst)
         c_src, c_dst = dp.counters(nets[src.name]), dp.counters(nets[dst.name])
+        i_src, i_dst = IPT.counters(nets[src.name]), IPT.counters(nets[dst.name])
         rep = traffic.request(state, src, dst.ip, 80, "/")
         assert rep["status"] == 200
         # The app still talks to the pod IP; the destination app sees the inbound proxy's passthrough source.
@@ -105,6 +108,10 @@ def _check_pod_to_pod(state, dp, *, outbound_by_ebpf: bool, inbound_by_ebpf: boo
         after_src, after_dst = dp.counters(nets[src.name]), dp.counters(nets[dst.name])
         assert after_src["outbound_captured"] - c_src["outbound_captured"] == (1 if outbound_by_ebpf else 0)
         assert after_dst["inbound_steered"] - c_dst["inbound_steered"] == (1 if inbound_by_ebpf else 0)
+        # the other direction's rules count it instead: the two backends' counters add up to one each way
+        ipt_src, ipt_dst = IPT.counters(nets[src.name]), IPT.counters(nets[dst.name])
+        assert ipt_src["outbound_captured"] - i_src["outbound_captured"] == (0 if outbound_by_ebpf else 1)
+        assert ipt_dst["inbound_steered"] - i_dst["inbound_steered"] == (0 if inbound_by_ebpf else 1)
 
 
 def _release_and_check_direct(state, hybrid) -> None:
