@@ -275,7 +275,7 @@ def render_demo(d: dict) -> str:
                          f"slot {p['slot']}, listener {p['listener']}, ips {', '.join(p['ips'])}")
     if d["capture_counters"] is not None:
         lines.append("")
-        lines.append("datapath counters:")
+        lines.append("capture counters (meshcni counters):")
         for pod, cs in d["capture_counters"].items():
             used = {k: v for k, v in cs.items() if v}
             lines.append(f"  {pod}: " + (", ".join(f"{k}={v}" for k, v in used.items()) or "all zero"))

@@ -2,8 +2,8 @@
 
 `request`/`echo` start `meshcni.lab.client` in the source pod's netns and the lab cgroup as the app uid (not
 1337), so each connection is one the capture datapath is meant to intercept, and return the client's JSON
-report. `proxy_stats` reads each sidecar's `show stat`; `capture_counters` reads the datapath's per-pod
-counters when the lab captures.
+report. `proxy_stats` reads each sidecar's `show stat`; `capture_counters` reads the per-pod capture
+counters when the lab captures (from its agent, if it has one).
 """
 
 from __future__ import annotations
@@ -108,6 +108,15 @@ def proxy_stats(state: LabState) -> dict[str, dict]:
 
 
 def capture_counters(state: LabState) -> dict[str, dict[str, int]] | None:
+    """Each captured pod's capture counters: from the lab's agent when it has one (so a pod in iptables
+    mode shows its rules' counts, see AgentCore.counters), else from the datapath the lab enrolled into."""
+    if state.use_agent and state.capture:
+        from meshcni.agent.client import AgentClient
+        from meshcni.lab import agent as lab_agent
+
+        with AgentClient(str(lab_agent.paths(state)["socket"])) as client:
+            by_name = {p["pod_name"]: p["counters"] for p in client.counters()}
+        return {pod.name: by_name.get(pod.name, {}) for pod in state.pods if pod.captured}
     if not state.bpf_pin_dir:
         return None
     from meshcni.lab.lab import datapath, pod_net  # the datapath is optional; import it only when captured
