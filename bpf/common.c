@@ -13,6 +13,45 @@ static __always_inline void mcni_count(__u32 slot, __u32 counter, __u64 n)
 		c->v[counter] += n;
 }
 
+/* One connection event, if a watcher wants them (see struct mcni_event). `task`: the decision runs in the
+ * connecting process (connect hooks), so its pid, uid and name are worth recording. */
+static __always_inline void mcni_event(__u32 slot, __u8 kind, __u8 reason, __u16 family, const struct mcni_ip *src,
+				       __u16 sport, const struct mcni_ip *dst, __u16 dport, int task)
+{
+	__u32 key = MCNI_EV_CTL_ON;
+	__u64 *on = mcni_events_ctl_v1.lookup(&key);
+	if (!on || !*on)
+		return;
+	struct mcni_event *e = mcni_events_v1.ringbuf_reserve(sizeof(struct mcni_event));
+	if (!e) {
+		key = MCNI_EV_CTL_LOST;
+		__u64 *lost = mcni_events_ctl_v1.lookup(&key);
+		if (lost)
+			__sync_fetch_and_add(lost, 1);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->slot = slot;
+	e->kind = kind;
+	e->reason = reason;
+	e->family = family;
+	e->src = *src;
+	e->dst = *dst;
+	e->sport = sport;
+	e->dport = dport;
+	e->_pad = 0;
+	if (task) {
+		e->pid = bpf_get_current_pid_tgid() >> 32;
+		e->uid = (__u32)bpf_get_current_uid_gid();
+		bpf_get_current_comm(e->comm, sizeof(e->comm));
+	} else {
+		e->pid = 0;
+		e->uid = 0;
+		__builtin_memset(e->comm, 0, sizeof(e->comm));
+	}
+	mcni_events_v1.ringbuf_submit(e, 0);
+}
+
 static __always_inline struct mcni_pod *mcni_pod_by_netns(__u64 netns)
 {
 	__u32 *slot = mcni_pods_v1.lookup(&netns);

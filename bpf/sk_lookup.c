@@ -44,10 +44,14 @@ int mcni_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 
 	__u16 port = (__u16)MCNI_CTX_U32(ctx, local_port);
+	__u16 sport = bpf_ntohs((__u16)MCNI_CTX_U32(ctx, remote_port));
+	__u16 family = v6 ? AF_INET6 : AF_INET;
 	__u8 policy = mcni_port_policy(pod->slot, port, MCNI_DIR_INBOUND);
 	if (port == pod->inbound_port || port == pod->outbound_port || policy == MCNI_POLICY_EXCLUDE ||
 	    (!(pod->flags & MCNI_F_INBOUND_ALL_PORTS) && policy != MCNI_POLICY_INCLUDE)) {
 		mcni_count(pod->slot, MCNI_CTR_BYPASSED, 1);
+		__u8 why = (port == pod->inbound_port || port == pod->outbound_port) ? MCNI_WHY_CAPTURE_PORT : MCNI_WHY_POLICY;
+		mcni_event(pod->slot, MCNI_EV_INBOUND_BYPASSED, why, family, &src, sport, &dst, port, 0);
 		return SK_PASS;
 	}
 
@@ -55,19 +59,22 @@ int mcni_sk_lookup(struct bpf_sk_lookup *ctx)
 	struct bpf_sock *sk = (struct bpf_sock *)mcni_listeners_v1.lookup(&idx);
 	if (!sk) {
 		mcni_count(pod->slot, MCNI_CTR_NO_LISTENER, 1);
+		mcni_event(pod->slot, MCNI_EV_INBOUND_NO_LISTENER, MCNI_WHY_NONE, family, &src, sport, &dst, port, 0);
 		return SK_PASS;
 	}
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	if (err) {
 		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
+		mcni_event(pod->slot, MCNI_EV_ERROR, MCNI_WHY_NONE, family, &src, sport, &dst, port, 0);
 		return SK_PASS;
 	}
 	mcni_count(pod->slot, MCNI_CTR_INBOUND_STEERED, 1);
+	mcni_event(pod->slot, MCNI_EV_INBOUND_STEERED, MCNI_WHY_NONE, family, &src, sport, &dst, port, 0);
 	if (pod->flags & MCNI_F_SPLICE) {
 		/* the accepted socket's tuple as sockops will see it; netns 0 since neither end is loopback */
 		struct mcni_tuple t = { .netns = 0, .local = dst, .remote = src, .local_port = port };
-		t.remote_port = bpf_ntohs((__u16)MCNI_CTX_U32(ctx, remote_port));
+		t.remote_port = sport;
 		if (mcni_proxy_pair_candidate(&t))
 			mcni_mark_proxy_end(pod->slot, &t);
 	}

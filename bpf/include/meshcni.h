@@ -134,6 +134,46 @@ struct mcni_counters {
 	__u64 v[MCNI_CTR_MAX];
 };
 
+/* Connection events for `meshcni events`, one per capture decision, written only while someone watches
+ * (mcni_events_ctl_v1[MCNI_EV_CTL_ON] != 0): with nobody watching a decision costs one array lookup more. The
+ * Python side decodes the same layout (meshcni/datapath/layout.py), so change both together. */
+enum mcni_event_kind {
+	MCNI_EV_OUTBOUND_CAPTURED = 1, /* connect() rewritten to the proxy */
+	MCNI_EV_OUTBOUND_BYPASSED,     /* connect() left alone: see reason */
+	MCNI_EV_INBOUND_STEERED,       /* SYN given to the proxy's inbound listener */
+	MCNI_EV_INBOUND_BYPASSED,      /* SYN left to the app: see reason */
+	MCNI_EV_INBOUND_NO_LISTENER,   /* SYN for a pod whose proxy listener is not registered */
+	MCNI_EV_ERROR,                 /* a map update or helper failed; the connection went its own way */
+};
+
+enum mcni_event_reason {
+	MCNI_WHY_NONE,
+	MCNI_WHY_PROXY,        /* the pod's proxy (uid/gid) made it */
+	MCNI_WHY_LOOPBACK,     /* to localhost */
+	MCNI_WHY_POLICY,       /* an excluded (or not included) port or range */
+	MCNI_WHY_CAPTURE_PORT, /* addressed to the proxy's own capture ports */
+};
+
+struct mcni_event {
+	__u64 ts_ns;        /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u32 slot;
+	__u32 pid;          /* outbound: the connecting process (tgid); inbound: 0, a SYN has no task */
+	__u32 uid;          /* outbound: its uid; inbound: 0 */
+	__u8 kind;          /* MCNI_EV_* */
+	__u8 reason;        /* MCNI_WHY_* */
+	__u16 family;       /* AF_INET or AF_INET6 */
+	struct mcni_ip src; /* inbound: the peer; outbound: zero (not bound yet at connect()) */
+	struct mcni_ip dst; /* the original destination */
+	__u16 sport;        /* host byte order */
+	__u16 dport;        /* host byte order */
+	__u32 _pad;
+	char comm[16];      /* outbound: the connecting task's name */
+};
+
+#define MCNI_EV_CTL_ON   0 /* != 0 while a watcher reads mcni_events_v1 */
+#define MCNI_EV_CTL_LOST 1 /* events dropped because the ring was full */
+#define MCNI_EV_RING_BYTES (256 * 1024)
+
 /* netns cookie of an enrolled pod -> its slot. The presence of a key is what "enrolled" means. */
 BPF_TABLE_PINNED("hash", __u64, __u32, mcni_pods_v1, MCNI_MAX_PODS, MCNI_PIN(mcni_pods_v1));
 /* slot -> capture settings. */
@@ -222,6 +262,20 @@ struct mcni_listeners_v1_table_t mcni_listeners_v1 = { .max_entries = MCNI_MAX_P
 /* slot -> counters. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct mcni_counters, mcni_counters_v1, MCNI_MAX_PODS,
                  MCNI_PIN(mcni_counters_v1));
+/* MCNI_EV_CTL_* -> value: whether events are wanted, and how many the full ring dropped. */
+BPF_TABLE_PINNED("array", __u32, __u64, mcni_events_ctl_v1, 2, MCNI_PIN(mcni_events_ctl_v1));
+/* The events themselves. bcc's BPF_RINGBUF_OUTPUT has no pinned form; spelled out like mcni_socks_v1. */
+struct mcni_events_v1_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" MCNI_PIN(mcni_events_v1))))
+struct mcni_events_v1_table_t mcni_events_v1 = { .max_entries = MCNI_EV_RING_BYTES };
 
 static __always_inline void mcni_ip_from_v4(struct mcni_ip *ip, __u32 addr_be)
 {

@@ -116,6 +116,34 @@ class CidrKey(ctypes.Structure):
         return cls(prefixlen=CIDR_KEY_FIXED_BITS + bits, slot=slot, kind=kind, ip=Ip.of(net.network_address))
 
 
+# enum mcni_event_kind and enum mcni_event_reason, by value
+EVENT_KINDS = {1: "outbound_captured", 2: "outbound_bypassed", 3: "inbound_steered", 4: "inbound_bypassed",
+               5: "inbound_no_listener", 6: "error"}
+EVENT_REASONS = {0: "", 1: "proxy", 2: "loopback", 3: "policy", 4: "capture_port"}
+EV_CTL_ON = 0
+EV_CTL_LOST = 1
+
+
+class Event(ctypes.Structure):
+    """struct mcni_event: one capture decision, as the ring buffer carries it."""
+
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("slot", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("kind", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("family", ctypes.c_uint16),
+        ("src", Ip),
+        ("dst", Ip),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint32),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
 class Counters(ctypes.Structure):
     _fields_ = [("v", ctypes.c_uint64 * len(COUNTERS))]
 
