@@ -118,3 +118,27 @@ class AgentClient:
         req = pb.UpgradeRequest(key=key, kind=kind, argv=argv or [], stop_signal=stop_signal,
                                 ready_socket=ready_socket, timeout_seconds=timeout)
         return to_dict(self._call("UpgradeProxy", req))
+
+    def watch_events(self, key: str = "", duration: float | None = None):
+        """The agent's connection events as dicts, as they happen, for one pod or all; ends after `duration`
+        seconds (None: when the caller stops iterating). Errors before the first event raise as any call's."""
+        if not os.path.exists(self.socket_path):
+            raise AgentNotRunning(self.socket_path, "the socket does not exist")
+        stream = self._stub.WatchEvents(pb.PodKey(key=key), timeout=duration)
+        try:
+            for message in stream:
+                event = MessageToDict(message, preserving_proto_field_name=True,
+                                      always_print_fields_with_no_presence=True)
+                for k in ("time_unix_ns", "dropped"):  # proto3 JSON spells uint64 as strings
+                    event[k] = int(event[k])
+                yield event
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and duration is not None:
+                return  # the watch ran its course
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+                raise AgentNotRunning(self.socket_path, exc.details()) from None
+            raise AgentCallError(exc.code(), exc.details() or str(exc.code())) from None
+        finally:
+            stream.cancel()

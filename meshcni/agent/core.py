@@ -74,6 +74,7 @@ class AgentError(Exception):
         "precondition": ("FAILED_PRECONDITION", CNI_INTERNAL),
         "not_captured": ("FAILED_PRECONDITION", CNI_NOT_CAPTURED),
         "unavailable": ("UNAVAILABLE", CNI_TRY_AGAIN),
+        "exhausted": ("RESOURCE_EXHAUSTED", CNI_TRY_AGAIN),
         "internal": ("INTERNAL", CNI_INTERNAL),
     }
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from meshcni.agent.cni_http import CniHttpServer
 from meshcni.agent.core import AgentCore, AgentError, PodSpec
+from meshcni.agent.events import EventHub
 from meshcni.agent.grpc_api import AgentService, serve
 from meshcni.agent.metrics import AgentCollector, MetricsServer
 from meshcni.agent.policy import LocalPolicyFile, NoPolicy, PolicyError
@@ -71,6 +72,7 @@ class Agent:
         self.started_at = time.time()
         self.stop_event = threading.Event()
         self.datapath = None
+        self.events = None
         self.degraded: list[str] = []
         self.features: dict[str, bool] = {}
         self.pending_replayed = 0
@@ -146,6 +148,8 @@ class Agent:
         for server in (self._cni, self._metrics):
             if server:
                 server.stop()
+        if self.events is not None:
+            self.events.close()  # ends the watchers' streams' source and turns events off in the kernel
         if self._grpc:
             self._grpc.stop(grace=1.0).wait()
             Path(self.opts.socket).unlink(missing_ok=True)
@@ -238,7 +242,8 @@ class Agent:
         self._cni = CniHttpServer(self.core, opts.cni_socket, ready=lambda: self.datapath is not None
                                   or self.core.node_mode is not Mode.EBPF)
         self._cni.start()
-        self._grpc = serve(AgentService(self.core, self.status), opts.socket)
+        self.events = EventHub(opts.pin_dir if self.datapath is not None else None)
+        self._grpc = serve(AgentService(self.core, self.status, self.events), opts.socket)
         if opts.metrics_address:
             collector = AgentCollector(self.core, self.status)
             self._metrics = MetricsServer(collector, opts.metrics_address,

@@ -20,9 +20,11 @@ import grpc
 
 from meshcni import __version__
 from meshcni.agent.core import AgentCore, AgentError, PodSpec
+from meshcni.agent.events import EventHub
 from meshcni.agent.registry import PodRecord
 from meshcni.api import agent_pb2 as pb
 from meshcni.api import agent_pb2_grpc as pb_grpc
+from meshcni.datapath.events import ConnectionEvent, wall_clock_ns
 
 log = logging.getLogger("meshcni.agent")
 
@@ -36,6 +38,15 @@ def pod_message(core: AgentCore, record: PodRecord) -> pb.Pod:
         captured=record.phase == "captured" and record.mode != "off",
         slot=-1 if slot is None else slot, listener=core.listener_state(record),
         config_json=json.dumps(record.config, sort_keys=True), added_at=record.added_at,
+    )
+
+
+def event_message(event: ConnectionEvent, record: PodRecord | None, dropped: int) -> pb.ConnectionEvent:
+    return pb.ConnectionEvent(
+        time_unix_ns=wall_clock_ns(event.time_ns), container_id=record.container_id if record else "",
+        pod_name=record.pod_name if record else "", pod_namespace=record.pod_namespace if record else "",
+        kind=event.kind, reason=event.reason, family=event.family, src=event.src, sport=event.sport,
+        dst=event.dst, dport=event.dport, pid=event.pid, uid=event.uid, comm=event.comm, dropped=dropped,
     )
 
 
@@ -65,9 +76,10 @@ def _guard(method: Callable) -> Callable:
 
 
 class AgentService(pb_grpc.AgentServicer):
-    def __init__(self, core: AgentCore, status: Callable[[], dict]):
+    def __init__(self, core: AgentCore, status: Callable[[], dict], events: EventHub | None = None):
         self.core = core
         self.status = status
+        self.events = events if events is not None else EventHub(None)
 
     @_guard
     def AddPod(self, request, context):
@@ -147,6 +159,29 @@ class AgentService(pb_grpc.AgentServicer):
         return pb.UpgradeReply(kind=result.kind, old_pid=result.old_pid, new_pid=result.new.pid,
                                old_exited=result.old_exited, queued=result.queued,
                                in_flight_lost=result.in_flight_lost, seconds=result.seconds)
+
+    def WatchEvents(self, request, context):
+        """A stream (so not behind `_guard`, which returns one reply): errors before the first event abort."""
+        try:
+            only = self.core.find(request.key) if request.key else None
+            watcher = self.events.watch()
+        except AgentError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.msg)
+        context.add_callback(watcher.close)  # the moment the client leaves, not when the generator is collected
+        try:
+            while context.is_active():
+                batch = watcher.next_batch(timeout=0.5)
+                if not batch:
+                    continue
+                # slots are reused as pods come and go: resolve them against the registry of this moment
+                by_slot = {r.slot: r for r in self.core.registry.all() if self.core.slot_of(r) is not None}
+                for event in batch:
+                    record = by_slot.get(event.slot)
+                    if only is not None and (record is None or record.container_id != only.container_id):
+                        continue
+                    yield event_message(event, record, watcher.dropped)
+        finally:
+            watcher.close()
 
     @_guard
     def GarbageCollect(self, request, context):

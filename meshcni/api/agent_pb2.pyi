@@ -291,3 +291,37 @@ class UpgradeReply(_message.Message):
     in_flight_lost: int
     seconds: float
     def __init__(self, kind: _Optional[str] = ..., old_pid: _Optional[int] = ..., new_pid: _Optional[int] = ..., old_exited: _Optional[bool] = ..., queued: _Optional[int] = ..., in_flight_lost: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ConnectionEvent(_message.Message):
+    __slots__ = ("time_unix_ns", "container_id", "pod_name", "pod_namespace", "kind", "reason", "family", "src", "sport", "dst", "dport", "pid", "uid", "comm", "dropped")
+    TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    POD_NAME_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    SPORT_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    DPORT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    time_unix_ns: int
+    container_id: str
+    pod_name: str
+    pod_namespace: str
+    kind: str
+    reason: str
+    family: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    pid: int
+    uid: int
+    comm: str
+    dropped: int
+    def __init__(self, time_unix_ns: _Optional[int] = ..., container_id: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ..., family: _Optional[int] = ..., src: _Optional[str] = ..., sport: _Optional[int] = ..., dst: _Optional[str] = ..., dport: _Optional[int] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., comm: _Optional[str] = ..., dropped: _Optional[int] = ...) -> None: ...

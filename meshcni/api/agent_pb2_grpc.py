@@ -89,6 +89,11 @@ class AgentStub:
                 request_serializer=meshcni_dot_api_dot_agent__pb2.UpgradeRequest.SerializeToString,
                 response_deserializer=meshcni_dot_api_dot_agent__pb2.UpgradeReply.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/meshcni.agent.v1.Agent/WatchEvents',
+                request_serializer=meshcni_dot_api_dot_agent__pb2.PodKey.SerializeToString,
+                response_deserializer=meshcni_dot_api_dot_agent__pb2.ConnectionEvent.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -169,6 +174,15 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Stream the eBPF datapath's capture decisions as they happen, for one pod (key set) or all, until the
+        client leaves. The kernel writes them only while someone watches; at most 4 watchers at a time
+        (RESOURCE_EXHAUSTED beyond), FAILED_PRECONDITION without a loaded eBPF datapath.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +240,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.UpgradeProxy,
                     request_deserializer=meshcni_dot_api_dot_agent__pb2.UpgradeRequest.FromString,
                     response_serializer=meshcni_dot_api_dot_agent__pb2.UpgradeReply.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=meshcni_dot_api_dot_agent__pb2.PodKey.FromString,
+                    response_serializer=meshcni_dot_api_dot_agent__pb2.ConnectionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +544,33 @@ class Agent:
             '/meshcni.agent.v1.Agent/UpgradeProxy',
             meshcni_dot_api_dot_agent__pb2.UpgradeRequest.SerializeToString,
             meshcni_dot_api_dot_agent__pb2.UpgradeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshcni.agent.v1.Agent/WatchEvents',
+            meshcni_dot_api_dot_agent__pb2.PodKey.SerializeToString,
+            meshcni_dot_api_dot_agent__pb2.ConnectionEvent.FromString,
             options,
             channel_credentials,
             insecure,
