@@ -1,4 +1,4 @@
-"""The node debugging verbs that ask the running agent: `status`, `pods list|show`, `counters`, `mode`.
+"""The node debugging verbs that ask the running agent: `status`, `pods list|show`, `counters`, `events`, `mode`.
 
 Each verb builds a plain dict/list from the agent's gRPC API and hands it to `emit`, which prints a table
 or JSON (`-o json`). JSON output is always one valid document, errors included (`{"error": {...}}`), and
@@ -139,7 +139,7 @@ def pods_show(pod, output, socket_path):
 @_OUTPUT
 @_SOCKET
 def counters(pod, output, socket_path):
-    """Datapath counters per pod (summed over CPUs), for one pod or all."""
+    """Capture counters per pod (eBPF maps summed over CPUs, or iptables rule counts), for one pod or all."""
 
     def render(items: list) -> str:
         names = sorted({k for p in items for k in p["counters"]})
@@ -147,6 +147,50 @@ def counters(pod, output, socket_path):
         return table(["pod", "mode"] + names, rows)
 
     _run(output, socket_path, lambda c: c.counters(pod), render)
+
+
+# --- events ----------------------------------------------------------------------------------------------------
+
+
+def render_event(e: dict) -> str:
+    """One line per capture decision: time, pod, what happened, to where, and who asked."""
+    when = dt.datetime.fromtimestamp(e["time_unix_ns"] / 1e9).strftime("%H:%M:%S.%f")
+    pod = _pod_name(e) if e.get("container_id") else "(gone)"
+    what = e["kind"] + (f" ({e['reason']})" if e.get("reason") else "")
+    dst = f"[{e['dst']}]:{e['dport']}" if e["family"] == 6 else f"{e['dst']}:{e['dport']}"
+    if e.get("src"):
+        src = f"[{e['src']}]:{e['sport']}" if e["family"] == 6 else f"{e['src']}:{e['sport']}"
+        path = f"{src} -> {dst}"
+    else:
+        path = f"-> {dst}"
+    who = f"  pid {e['pid']} {e['comm']} uid {e['uid']}" if e.get("pid") else ""
+    return f"{when}  {pod}  {what}  {path}{who}"
+
+
+@click.command("events")
+@click.argument("pod", required=False, default="")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds.")
+@_OUTPUT
+@_SOCKET
+def events(pod, count, duration, output, socket_path):
+    """Live capture decisions of the eBPF datapath, for one pod or all: each outbound connect() captured or
+    bypassed (and why), each inbound SYN steered, bypassed or without a listener. `-o json` prints one JSON
+    object per line. Runs until Ctrl-C, --count or --duration; the kernel writes events only while watched."""
+    seen = 0
+    try:
+        with AgentClient(socket_path) as client:
+            for event in client.watch_events(pod, duration=duration):
+                click.echo(json.dumps(event, sort_keys=True) if output == "json" else render_event(event))
+                seen += 1
+                if count is not None and seen >= count:
+                    break
+    except AgentNotRunning as exc:
+        _fail(output, "agent_not_running", str(exc), EXIT_NOT_RUNNING)
+    except AgentCallError as exc:
+        _fail(output, exc.code.name.lower(), exc.message, EXIT_REFUSED)
+    except KeyboardInterrupt:
+        pass
 
 
 # --- mode ------------------------------------------------------------------------------------------------------
