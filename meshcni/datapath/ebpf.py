@@ -92,13 +92,12 @@ class EbpfDatapath:
         except BaseException:
             if cg_fd is not None:
                 os.close(cg_fd)
-            if fresh:  # the directory is ours: leave nothing behind (maps bcc pinned before it failed included)
-                for name in [*_MAPS, "mcni_counters_v1"]:
+            if fresh:  # the directory is ours: leave nothing behind, every map bcc pinned before it failed included
+                for entry in sorted(pin_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
                     with contextlib.suppress(OSError):
-                        (pin_dir / name).unlink()
-                for d in (pins.links, pins.progs, pin_dir):
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
+                        entry.rmdir() if entry.is_dir() else entry.unlink()
+                with contextlib.suppress(OSError):
+                    pin_dir.rmdir()
             raise
         try:
             for hook in loader.HOOKS:

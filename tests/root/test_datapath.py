@@ -24,7 +24,7 @@ from meshcni.datapath import loader
 from meshcni.datapath.ebpf import EbpfDatapath
 from meshcni.datapath.interceptor import PodNet
 from meshcni.sys import bpf, cgroup, proc
-from meshcni.sys.errors import BpfError, NamespaceNotFound
+from meshcni.sys.errors import BpfError, FeatureMissing, NamespaceNotFound
 
 pytestmark = pytest.mark.root
 
@@ -413,6 +413,21 @@ def test_a_load_removes_the_pins_of_retired_maps(node):
     again.close()
     assert not retired.exists()
     assert (node["pin_dir"] / "mcni_pods_v1").exists()
+
+
+def test_a_program_the_kernel_refuses_is_named_and_a_fresh_load_leaves_no_pin(node, monkeypatch):
+    """bcc pins every map before any program is loaded; a refused program must take all of them along."""
+    refused = loader.Hook("bogus", "mcni_no_such_program", bpf.PROG_SK_LOOKUP, bpf.ATTACH_SK_LOOKUP, "netns",
+                          "a program this build does not have")
+    monkeypatch.setattr(loader, "HOOKS", loader.HOOKS + (refused,))
+    pin_dir = Path(f"/sys/fs/bpf/meshcni-test-refused-{uuid.uuid4().hex[:8]}")
+    try:
+        with pytest.raises(FeatureMissing, match="bogus program: it needs a program this build does not have"):
+            EbpfDatapath.load(pin_dir, cgroup=node["cgroup"])
+        assert not pin_dir.exists()
+    finally:
+        if pin_dir.exists():
+            shutil.rmtree(pin_dir)
 
 
 def test_the_proxys_listen_registers_its_inbound_listener_in_the_kernel(node, pods):
