@@ -119,6 +119,13 @@ class AgentClient:
                                 ready_socket=ready_socket, timeout_seconds=timeout)
         return to_dict(self._call("UpgradeProxy", req))
 
+    def maps(self, name: str = "", limit: int = 0) -> dict:
+        d = to_dict(self._call("Maps", pb.MapsRequest(name=name, limit=limit)))
+        for m in d["maps"]:
+            m["entries"] = None if int(m["entries"]) < 0 else int(m["entries"])
+        d["entries"] = [json.loads(e) for e in d.pop("entries_json")]
+        return d
+
     def watch_events(self, key: str = "", duration: float | None = None):
         """The agent's connection events as dicts, as they happen, for one pod or all; ends after `duration`
         seconds (None: when the caller stops iterating). Errors before the first event raise as any call's."""

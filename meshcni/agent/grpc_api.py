@@ -24,6 +24,7 @@ from meshcni.agent.events import EventHub
 from meshcni.agent.registry import PodRecord
 from meshcni.api import agent_pb2 as pb
 from meshcni.api import agent_pb2_grpc as pb_grpc
+from meshcni.datapath import maps as datapath_maps
 from meshcni.datapath.events import ConnectionEvent, wall_clock_ns
 
 log = logging.getLogger("meshcni.agent")
@@ -159,6 +160,25 @@ class AgentService(pb_grpc.AgentServicer):
         return pb.UpgradeReply(kind=result.kind, old_pid=result.old_pid, new_pid=result.new.pid,
                                old_exited=result.old_exited, queued=result.queued,
                                in_flight_lost=result.in_flight_lost, seconds=result.seconds)
+
+    @_guard
+    def Maps(self, request, context):
+        if self.core.ebpf is None:
+            raise AgentError("precondition", "no eBPF datapath is loaded on this node, so it has no maps")
+        pin_dir = str(self.core.ebpf.pin_dir)
+        reply = pb.MapsReply(pin_dir=pin_dir, maps=[
+            pb.MapInfo(**{**m, "entries": -1 if m["entries"] is None else m["entries"]})
+            for m in datapath_maps.describe(pin_dir)])
+        if request.name:
+            try:
+                rows, truncated = datapath_maps.entries(pin_dir, request.name, request.limit or 100)
+            except KeyError as exc:
+                raise AgentError("not_found", exc.args[0]) from None
+            except ValueError as exc:
+                raise AgentError("invalid", str(exc)) from None
+            reply.entries_json.extend(json.dumps(r, sort_keys=True) for r in rows)
+            reply.truncated = truncated
+        return reply
 
     def WatchEvents(self, request, context):
         """A stream (so not behind `_guard`, which returns one reply): errors before the first event abort."""

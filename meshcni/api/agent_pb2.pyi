@@ -325,3 +325,43 @@ class ConnectionEvent(_message.Message):
     comm: str
     dropped: int
     def __init__(self, time_unix_ns: _Optional[int] = ..., container_id: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ..., family: _Optional[int] = ..., src: _Optional[str] = ..., sport: _Optional[int] = ..., dst: _Optional[str] = ..., dport: _Optional[int] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., comm: _Optional[str] = ..., dropped: _Optional[int] = ...) -> None: ...
+
+class MapsRequest(_message.Message):
+    __slots__ = ("name", "limit")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    limit: int
+    def __init__(self, name: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class MapInfo(_message.Message):
+    __slots__ = ("name", "type", "key_size", "value_size", "max_entries", "entries", "purpose", "pinned")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    entries: int
+    purpose: str
+    pinned: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., key_size: _Optional[int] = ..., value_size: _Optional[int] = ..., max_entries: _Optional[int] = ..., entries: _Optional[int] = ..., purpose: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
+
+class MapsReply(_message.Message):
+    __slots__ = ("pin_dir", "maps", "entries_json", "truncated")
+    PIN_DIR_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    pin_dir: str
+    maps: _containers.RepeatedCompositeFieldContainer[MapInfo]
+    entries_json: _containers.RepeatedScalarFieldContainer[str]
+    truncated: bool
+    def __init__(self, pin_dir: _Optional[str] = ..., maps: _Optional[_Iterable[_Union[MapInfo, _Mapping]]] = ..., entries_json: _Optional[_Iterable[str]] = ..., truncated: _Optional[bool] = ...) -> None: ...

@@ -94,6 +94,11 @@ class AgentStub:
                 request_serializer=meshcni_dot_api_dot_agent__pb2.PodKey.SerializeToString,
                 response_deserializer=meshcni_dot_api_dot_agent__pb2.ConnectionEvent.FromString,
                 _registered_method=True)
+        self.Maps = channel.unary_unary(
+                '/meshcni.agent.v1.Agent/Maps',
+                request_serializer=meshcni_dot_api_dot_agent__pb2.MapsRequest.SerializeToString,
+                response_deserializer=meshcni_dot_api_dot_agent__pb2.MapsReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -183,6 +188,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Maps(self, request, context):
+        """The datapath's pinned maps: type, sizes, capacity, how full, what for; with `name`, that map's entries
+        decoded (at most `limit`, default 100). FAILED_PRECONDITION without a loaded eBPF datapath.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +258,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=meshcni_dot_api_dot_agent__pb2.PodKey.FromString,
                     response_serializer=meshcni_dot_api_dot_agent__pb2.ConnectionEvent.SerializeToString,
+            ),
+            'Maps': grpc.unary_unary_rpc_method_handler(
+                    servicer.Maps,
+                    request_deserializer=meshcni_dot_api_dot_agent__pb2.MapsRequest.FromString,
+                    response_serializer=meshcni_dot_api_dot_agent__pb2.MapsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +589,33 @@ class Agent:
             '/meshcni.agent.v1.Agent/WatchEvents',
             meshcni_dot_api_dot_agent__pb2.PodKey.SerializeToString,
             meshcni_dot_api_dot_agent__pb2.ConnectionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Maps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshcni.agent.v1.Agent/Maps',
+            meshcni_dot_api_dot_agent__pb2.MapsRequest.SerializeToString,
+            meshcni_dot_api_dot_agent__pb2.MapsReply.FromString,
             options,
             channel_credentials,
             insecure,

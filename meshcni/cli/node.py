@@ -1,4 +1,5 @@
-"""The node debugging verbs that ask the running agent: `status`, `pods list|show`, `counters`, `events`, `mode`.
+"""The node debugging verbs that ask the running agent: `status`, `pods list|show`, `counters`, `maps`,
+`events`, `mode`.
 
 Each verb builds a plain dict/list from the agent's gRPC API and hands it to `emit`, which prints a table
 or JSON (`-o json`). JSON output is always one valid document, errors included (`{"error": {...}}`), and
@@ -147,6 +148,34 @@ def counters(pod, output, socket_path):
         return table(["pod", "mode"] + names, rows)
 
     _run(output, socket_path, lambda c: c.counters(pod), render)
+
+
+# --- maps ------------------------------------------------------------------------------------------------------
+
+
+@click.command("maps")
+@click.argument("name", required=False, default="")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="With NAME: at most this many entries.")
+@_OUTPUT
+@_SOCKET
+def maps(name, limit, output, socket_path):
+    """The datapath's pinned maps: kernel type, capacity, how full and what for; with NAME, that map's
+    entries decoded (addresses as text, per-CPU counters summed)."""
+
+    def render(d: dict) -> str:
+        if name:
+            lines = [json.dumps(e, sort_keys=True) for e in d["entries"]] or [f"{name}: no entries"]
+            if d["truncated"]:
+                lines.append(f"... more than {limit}; raise --limit to see them")
+            return "\n".join(lines)
+        rows = [[m["name"], m["type"] or "NOT PINNED",
+                 "-" if m["entries"] is None else (f"{m['entries']} B unread" if m["type"] == "ringbuf"
+                                                   else f"{m['entries']}/{m['max_entries']}"),
+                 m["purpose"]] for m in d["maps"]]
+        return f"pinned under {d['pin_dir']}\n" + table(["map", "type", "entries", "what for"], rows)
+
+    _run(output, socket_path, lambda c: c.maps(name, limit), render)
 
 
 # --- events ----------------------------------------------------------------------------------------------------
