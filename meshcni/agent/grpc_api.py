@@ -195,11 +195,12 @@ class AgentService(pb_grpc.AgentServicer):
                     continue
                 # slots are reused as pods come and go: resolve them against the registry of this moment
                 by_slot = {r.slot: r for r in self.core.registry.all() if self.core.slot_of(r) is not None}
+                dropped = watcher.dropped  # once per batch: it reads a map
                 for event in batch:
                     record = by_slot.get(event.slot)
                     if only is not None and (record is None or record.container_id != only.container_id):
                         continue
-                    yield event_message(event, record, watcher.dropped)
+                    yield event_message(event, record, dropped)
         finally:
             watcher.close()
 
