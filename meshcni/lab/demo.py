@@ -223,6 +223,8 @@ def render_status(d: dict) -> str:
         f"bridge {d['bridge']}{'' if d['bridge_present'] else ' (missing)'}  capture {'on' if d['capture'] else 'off'}",
         f"  state {d['state_dir']}  cgroup {d['cgroup']}",
     ]
+    if d.get("agent_socket"):
+        lines.append(f"  agent {d['agent_socket']}  (meshcni status|pods|counters|maps|events --socket ...)")
     for p in d["pods"]:
         procs = "  ".join(f"{n}:{v['pid']}{'' if v['alive'] else '(dead)'}" for n, v in p["processes"].items())
         flags = [] if p["netns_present"] else ["netns missing"]

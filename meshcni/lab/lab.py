@@ -495,6 +495,7 @@ def status(state: LabState) -> dict:
         "cgroup": state.cgroup,
         "capture": state.capture,
         "bpf_pin_dir": state.bpf_pin_dir,
+        "agent_socket": str(lab_agent.paths(state)["socket"]) if state.use_agent else None,
         "pods": pods,
         "healthy": state.phase == "ready" and all(p["healthy"] and p["netns_present"] for p in pods),
     }
