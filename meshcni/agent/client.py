@@ -126,26 +126,49 @@ class AgentClient:
         d["entries"] = [json.loads(e) for e in d.pop("entries_json")]
         return d
 
-    def watch_events(self, key: str = "", duration: float | None = None):
-        """The agent's connection events as dicts, as they happen, for one pod or all; ends after `duration`
-        seconds (None: when the caller stops iterating). Errors before the first event raise as any call's."""
+    def watch_events(self, key: str = "", duration: float | None = None) -> "EventStream":
+        """The agent's connection events, for one pod or all, from the moment this returns: it waits until the
+        agent watches. Iterate for dicts as they happen; the stream ends after `duration` seconds (None: when
+        the caller stops iterating or calls `cancel`). A refused watch raises on the first iteration."""
         if not os.path.exists(self.socket_path):
             raise AgentNotRunning(self.socket_path, "the socket does not exist")
-        stream = self._stub.WatchEvents(pb.PodKey(key=key), timeout=duration)
+        return EventStream(self._stub.WatchEvents(pb.PodKey(key=key), timeout=duration), self.socket_path,
+                           bounded=duration is not None)
+
+
+class EventStream:
+    """One WatchEvents call. The agent sends its initial metadata once its watcher is registered, so by the
+    time the constructor returns, every later capture decision will be seen (a refused watch answers with
+    its error instead, raised by the first iteration)."""
+
+    def __init__(self, call, socket_path: str, bounded: bool):
+        self._call = call
+        self._socket_path = socket_path
+        self._bounded = bounded
         try:
-            for message in stream:
+            call.initial_metadata()
+        except grpc.RpcError:
+            pass  # the same error is raised again, mapped, by iteration
+
+    def __iter__(self):
+        try:
+            for message in self._call:
                 event = MessageToDict(message, preserving_proto_field_name=True,
                                       always_print_fields_with_no_presence=True)
                 for k in ("time_unix_ns", "dropped"):  # proto3 JSON spells uint64 as strings
                     event[k] = int(event[k])
                 yield event
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and duration is not None:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._bounded:
                 return  # the watch ran its course
             if exc.code() == grpc.StatusCode.CANCELLED:
                 return
             if exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
-                raise AgentNotRunning(self.socket_path, exc.details()) from None
+                raise AgentNotRunning(self._socket_path, exc.details()) from None
             raise AgentCallError(exc.code(), exc.details() or str(exc.code())) from None
         finally:
-            stream.cancel()
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        """End the stream (from any thread): the iteration stops, the agent lets go of the watcher."""
+        self._call.cancel()

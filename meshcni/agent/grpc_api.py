@@ -188,6 +188,7 @@ class AgentService(pb_grpc.AgentServicer):
         except AgentError as exc:
             context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.msg)
         context.add_callback(watcher.close)  # the moment the client leaves, not when the generator is collected
+        context.send_initial_metadata((("meshcni-watching", "1"),))  # the client's cue: nothing is missed now
         try:
             while context.is_active():
                 batch = watcher.next_batch(timeout=0.5)

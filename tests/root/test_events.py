@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -129,29 +128,18 @@ def test_watch_events_streams_one_pods_decisions_and_switches_events_off_after(a
 
     a, b = agent_lab.pods
     got: list[dict] = []
-    done = threading.Event()
-
-    def watch():
-        with AgentClient(_socket(agent_lab)) as client:
-            for event in client.watch_events(f"{LAB_NAMESPACE}/{a.name}", duration=15):
-                got.append(event)
-                if sum(1 for e in got if e["kind"] == "outbound_captured") >= 3:
-                    break
-        done.set()
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        # the watch starts asynchronously: keep the traffic coming until it has seen some
-        for _ in range(200):
-            if done.is_set():
-                break
+    with AgentClient(_socket(agent_lab)) as client:
+        stream = client.watch_events(f"{LAB_NAMESPACE}/{a.name}", duration=60)  # returns once the agent watches
+        for _ in range(3):
             assert traffic.request(agent_lab, a, b.ip, 80, "/")["status"] == 200
-    finally:
-        watcher.join(30)
-    assert done.is_set()
-    assert {(e["pod_namespace"], e["pod_name"]) for e in got} == {(LAB_NAMESPACE, a.name)}  # b's are filtered
-    assert {(e["kind"], e["reason"]) for e in got} <= {("outbound_captured", ""), ("outbound_bypassed", "proxy")}
+        for event in stream:  # all were taken before the requests returned; read them, then leave
+            got.append(event)
+            if len(got) == 6:
+                break
+    # each request: a's app captured, a's sidecar bypassed as the proxy; b's two decisions are filtered out
+    assert sorted((e["kind"], e["reason"]) for e in got) == [("outbound_bypassed", "proxy")] * 3 + \
+        [("outbound_captured", "")] * 3
+    assert {(e["pod_namespace"], e["pod_name"]) for e in got} == {(LAB_NAMESPACE, a.name)}
     assert all(e["dropped"] == 0 for e in got)
     captured = [e for e in got if e["kind"] == "outbound_captured"]
     assert {(e["dst"], e["dport"], e["uid"]) for e in captured} == {(b.ip, 80, APP_UID)}
