@@ -37,8 +37,13 @@ def exercise(state: LabState) -> dict:
     if len(state.pods) < 2:
         raise LabError("the demo needs at least 2 pods (--pods 2)")
     a, b = state.pods[0], state.pods[1]
+    log = _EventLog(state) if state.use_agent and state.capture and state.agent_mode == "ebpf" else None
     checks = [
         _http(state, a, b, b.ip, 80, "/", via=_captured_path(state, a, b)),
+    ]
+    if log is not None:
+        checks.append(_first_request_events(log.settle(), a, b))
+    checks += [
         _http(state, b, a, a.ip, 80, "/", via=_captured_path(state, b, a)),
         _http(
             state, a, b, "127.0.0.1", haproxy.EXPLICIT_HTTP_OUT, "/", via=[f"{b.name}-explicit-in", f"{a.name}-explicit-out"]
@@ -46,6 +51,8 @@ def exercise(state: LabState) -> dict:
         _bulk_get(state, a, b),
         _echo(state, a, b, b.ip, haproxy.ECHO_PORT),
     ]
+    if log is not None:
+        log.close()
     if state.hold_listeners:
         checks.append(_hot_upgrades(state, a, b))
     stats = traffic.proxy_stats(state)
@@ -101,6 +108,63 @@ def _http(state: LabState, src: PodState, dst: PodState, host: str, port: int, p
         "body": (rep.get("body") or "").strip(),
         "proxies": proxies,
         "expected_proxies": via,
+        "problems": problems,
+        "ok": not problems,
+    }
+
+
+class _EventLog:
+    """`meshcni events` for the whole node while the demo runs: a watch through the lab's agent, read by a
+    thread. Starts only once the agent watches, so the first request's decisions are all there."""
+
+    def __init__(self, state: LabState):
+        import threading
+
+        from meshcni.agent.client import AgentClient
+        from meshcni.lab import agent as lab_agent
+
+        self._client = AgentClient(str(lab_agent.paths(state)["socket"]))
+        self._stream = self._client.watch_events()
+        self.events: list[dict] = []
+        self._reader = threading.Thread(target=lambda: self.events.extend(self._stream), name="demo-events",
+                                        daemon=True)
+        self._reader.start()
+
+    def settle(self) -> list[dict]:
+        """The events so far, once none arrived for a moment (a decision is taken before its request returns;
+        this only waits for the agent to pass it on)."""
+        import time
+
+        seen, quiet = -1, 0
+        while quiet < 3:
+            time.sleep(0.1)
+            quiet, seen = (quiet + 1, seen) if len(self.events) == seen else (0, len(self.events))
+        return list(self.events)
+
+    def close(self) -> None:
+        self._stream.cancel()
+        self._reader.join(5)
+        self._client.close()
+
+
+def _first_request_events(events: list[dict], src: PodState, dst: PodState) -> dict:
+    """What `meshcni events` showed for the first request: the app's connect captured in src, the SYN steered
+    into dst's proxy, and the two sidecars' own connects bypassed as the proxy's."""
+    want = [(src.name, "outbound_captured", ""), (src.name, "outbound_bypassed", "proxy"),
+            (dst.name, "inbound_steered", ""), (dst.name, "outbound_bypassed", "proxy")]
+    got = [(e["pod_name"], e["kind"], e["reason"]) for e in events]
+    problems = [] if sorted(got) == sorted(want) else [f"decisions {got}, expected {want}"]
+    captured = [e for e in events if e["kind"] == "outbound_captured"]
+    if captured and (captured[0]["dst"], captured[0]["dport"]) != (dst.ip, 80):
+        problems.append(f"captured to {captured[0]['dst']}:{captured[0]['dport']}, expected {dst.ip}:80")
+    steered = [e for e in events if e["kind"] == "inbound_steered"]
+    if steered and steered[0]["src"] != src.ip:
+        problems.append(f"steered SYN from {steered[0]['src']}, expected {src.ip}")
+    return {
+        "name": f"meshcni events during {src.name} -> {dst.name} GET: {len(events)} capture decisions",
+        "from": src.name,
+        "to": dst.name,
+        "events": events,
         "problems": problems,
         "ok": not problems,
     }
@@ -254,6 +318,10 @@ def render_demo(d: dict) -> str:
             lines.append(f"         answer: {c['body']}")
         if "bytes" in c:
             lines.append(f"         bytes:  {c['bytes']}")
+        if "events" in c:
+            from meshcni.cli.node import render_event
+
+            lines += [f"         {render_event(e)}" for e in c["events"]]
         if "requests" in c:
             lines.append(f"         requests: {c['requests']}, failed: {c['failed']}; upgrades: "
                          f"{', '.join(c['upgrades'])}")

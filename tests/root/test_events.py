@@ -185,3 +185,13 @@ def test_cli_names_an_unknown_pod(agent_lab):
                            "--socket", _socket(agent_lab)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["error"]["kind"] == "not_found"
+
+
+def test_the_demo_shows_the_four_decisions_of_its_first_request(agent_lab):
+    from meshcni.lab import demo
+
+    data = demo.exercise(agent_lab)
+    assert data["ok"] is True, [c["problems"] for c in data["checks"] if not c["ok"]]
+    (check,) = [c for c in data["checks"] if "events" in c]
+    assert check["ok"] and len(check["events"]) == 4
+    assert "outbound_captured" in demo.render_demo({**data, "kept": True})
