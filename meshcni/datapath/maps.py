@@ -104,7 +104,8 @@ def entries(pin_dir: str | Path, name: str, limit: int = 100) -> tuple[list[dict
 
 def _count(fd: int, spec: MapSpec, kind: str, info) -> int | None:
     if kind == "ringbuf":
-        return ringbuf.positions(fd)[1] - ringbuf.positions(fd)[0]  # unread bytes
+        consumer, producer = ringbuf.positions(fd)
+        return producer - consumer  # unread bytes
     if kind == "sockmap":
         return len(_listeners(fd, spec))
     if spec.key_type is None or kind in ("array", "percpu_array"):
