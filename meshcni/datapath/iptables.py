@@ -448,7 +448,7 @@ class IptablesInterceptor:
         The nat table sees only the first packet of each connection, so a rule's packet count is the number
         of connections it decided: REDIRECT in ISTIO_REDIRECT (outbound_captured) and ISTIO_IN_REDIRECT
         (inbound_steered), RETURN in ISTIO_OUTPUT and ISTIO_INBOUND (bypassed: the proxy's own connections,
-        loopback, excluded ports and CIDRs). Summed over IPv4 and IPv6. The counts live in the rules, so they
+        loopback, excluded ports and CIDRs). Summed over the pod's IP families. The counts live in the rules, so they
         start from zero whenever the pod enters iptables mode; a pod without our rules counts nothing.
         """
         totals = {"outbound_captured": 0, "inbound_steered": 0, "bypassed": 0}
@@ -456,7 +456,7 @@ class IptablesInterceptor:
             check_netns(pod.netns)
         except NamespaceNotFound:
             return totals
-        for family in Family:
+        for family in wanted_families(pod):  # capture writes no rules for a family the pod has no address in
             if not ipt.family_available(family):
                 continue
             for chain, spec, packets, _bytes in ipt.rule_counters(pod.netns, family, self.backend, TABLE):

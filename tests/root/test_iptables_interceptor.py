@@ -427,8 +427,9 @@ def test_counters_count_each_connection_the_rules_decided_once(topo, listeners, 
     """`counters` reads the rules' packet counts: the nat table sees a connection's first packet only, so
     each connection counts once however many packets it carries, under the eBPF datapath's names."""
     listeners(topo.pod, "outbound-proxy", "127.0.0.1", 15001)
+    listeners(topo.pod, "outbound-proxy-v6", "::1", 15001)
     listeners(topo.pod, "inbound-proxy", "0.0.0.0", 15006)
-    listeners(topo.peer, "peer", "0.0.0.0", 8080)
+    listeners(topo.peer, "peer", "::", 8080)  # dual-stack: the proxy's own IPv4 connection lands here too
     interceptor = IptablesInterceptor(backend)
     pod = topo.podnet(iptables_config())
     assert interceptor.counters(pod) == {"outbound_captured": 0, "inbound_steered": 0, "bypassed": 0}
@@ -438,8 +439,9 @@ def test_counters_count_each_connection_the_rules_decided_once(topo, listeners, 
     assert connect_as(topo.pod, APP_UID, topo.peer_ip, 8080, "app-1") == "outbound-proxy"
     assert connect_as(topo.pod, APP_UID, topo.peer_ip, 8080, "app-2") == "outbound-proxy"
     assert connect_as(topo.pod, PROXY_UID, topo.peer_ip, 8080, "proxy") == "peer"  # the proxy's own: RETURN
+    assert connect_as(topo.pod, APP_UID, topo.peer_ip6, 8080, "app-v6") == "outbound-proxy-v6"  # ip6tables' share
     assert connect_from(topo.peer, topo.pod_ip, 80, "remote") == "inbound-proxy"
-    assert interceptor.counters(pod) == {"outbound_captured": 2, "inbound_steered": 1, "bypassed": 1}
+    assert interceptor.counters(pod) == {"outbound_captured": 3, "inbound_steered": 1, "bypassed": 1}
 
     # The counts live in the rules: released, nothing counts; captured again, they start from zero.
     interceptor.release(pod)
