@@ -16,6 +16,11 @@ import uuid
 
 import pytest
 
+# Before any test module imports grpc (test_agent_api does so first): the tests spawn children with a fork
+# hook (meshcni.sys.proc.spawn) from a process holding gRPC channels, and with gRPC's fork support on, such a
+# child can die before exec ("epoll_wait error: Bad file descriptor"). See meshcni/api/fork_safe.py.
+from meshcni.api import fork_safe  # noqa: E402,F401
+
 NETNS_PREFIX = "mcni-"
 
 
