@@ -69,7 +69,7 @@ class EventTap:
 
     def __init__(self, pin_dir: str | Path):
         pin_dir = Path(pin_dir)
-        self._ctl = bpf.RawMap(bpf.obj_get(str(pin_dir / CTL_MAP)), CTL_MAP, L.U32, L.U64)
+        self._ctl = _open_ctl(pin_dir)
         try:
             self._ring_fd = bpf.obj_get(str(pin_dir / RING_MAP))
             try:
@@ -81,7 +81,7 @@ class EventTap:
             self._ctl.close()
             raise
         self._ring.read()  # what an earlier reader left is stale
-        self._ctl.update(L.U32(L.EV_CTL_ON), L.U64(1))
+        _set_on(self._ctl, True)
 
     def read(self, timeout: float = 0.0, limit: int = 0) -> list[ConnectionEvent]:
         """Events written since the last read, waiting up to `timeout` seconds for the first one."""
@@ -93,7 +93,7 @@ class EventTap:
 
     def close(self) -> None:
         try:
-            self._ctl.update(L.U32(L.EV_CTL_ON), L.U64(0))
+            _set_on(self._ctl, False)
         finally:
             self._ring.close()
             os.close(self._ring_fd)
@@ -109,9 +109,16 @@ class EventTap:
 def switch_off(pin_dir: str | Path) -> None:
     """Turn events off without reading them: what a starting agent does, since a reader that died (with the
     agent it ran in) left them on, to fill a ring nobody reads."""
-    pin_dir = Path(pin_dir)
-    ctl = bpf.RawMap(bpf.obj_get(str(pin_dir / CTL_MAP)), CTL_MAP, L.U32, L.U64)
+    ctl = _open_ctl(Path(pin_dir))
     try:
-        ctl.update(L.U32(L.EV_CTL_ON), L.U64(0))
+        _set_on(ctl, False)
     finally:
         ctl.close()
+
+
+def _open_ctl(pin_dir: Path) -> bpf.RawMap:
+    return bpf.RawMap(bpf.obj_get(str(pin_dir / CTL_MAP)), CTL_MAP, L.U32, L.U64)
+
+
+def _set_on(ctl: bpf.RawMap, on: bool) -> None:
+    ctl.update(L.U32(L.EV_CTL_ON), L.U64(1 if on else 0))

@@ -77,7 +77,7 @@ def describe(pin_dir: str | Path) -> list[dict]:
             info = bpf.map_info(fd)
             kind = TYPE_NAMES.get(info.type, f"type-{info.type}")
             out.append({"name": spec.name, "type": kind, "key_size": info.key_size, "value_size": info.value_size,
-                        "max_entries": info.max_entries, "entries": _count(fd, spec, kind, info),
+                        "max_entries": info.max_entries, "entries": _count(fd, spec, kind, info.max_entries),
                         "purpose": spec.purpose, "pinned": True})
         finally:
             os.close(fd)
@@ -102,22 +102,22 @@ def entries(pin_dir: str | Path, name: str, limit: int = 100) -> tuple[list[dict
 # --- counting and decoding --------------------------------------------------------------------------------
 
 
-def _count(fd: int, spec: MapSpec, kind: str, info) -> int | None:
+def _count(fd: int, spec: MapSpec, kind: str, max_entries: int) -> int | None:
     if kind == "ringbuf":
         consumer, producer = ringbuf.positions(fd)
         return producer - consumer  # unread bytes
     if kind == "sockmap":
-        return len(_listeners(fd, spec))
+        return len(_listeners(fd, spec, max_entries))
     if spec.key_type is None or kind in ("array", "percpu_array"):
         return None
     return len(bpf.RawMap(fd, spec.name, spec.key_type, spec.value_type or L.U32, owns_fd=False).keys())
 
 
-def _listeners(fd: int, spec: MapSpec) -> list[dict]:
+def _listeners(fd: int, spec: MapSpec, max_entries: int) -> list[dict]:
     """Occupied SOCKMAP slots; a lookup from user space answers the socket's cookie."""
     m = bpf.RawMap(fd, spec.name, L.U32, L.U64, owns_fd=False)
     found = []
-    for index in range(bpf.map_info(fd).max_entries):
+    for index in range(max_entries):
         cookie = m.lookup(L.U32(index))
         if cookie is not None:
             found.append({"key": {"slot": index // 2, "family": 6 if index % 2 else 4},
@@ -127,7 +127,7 @@ def _listeners(fd: int, spec: MapSpec) -> list[dict]:
 
 def _decode(fd: int, spec: MapSpec, pin_dir: str | Path) -> list[dict]:
     if spec.name == "mcni_listeners_v1":
-        return _listeners(fd, spec)
+        return _listeners(fd, spec, bpf.map_info(fd).max_entries)
     if spec.name == "mcni_counters_v1":
         m = bpf.RawMap(fd, spec.name, L.U32, L.percpu_counters_type(), owns_fd=False)
         rows = []
