@@ -1,5 +1,5 @@
-"""The five paths the throughput bench compares (and an eBPF variant without splicing), as backends with the
-same verbs (enter, url, check, leave).
+"""The five paths the throughput bench compares (and two eBPF variants: without splicing, and with the app
+splicing opt-in), as backends with the same verbs (enter, url, check, leave).
 
 - `direct`: pod A's client talks to nginx in pod B; nothing is captured and no proxy is crossed.
 - `explicit`: no capture; the client targets its own sidecar's explicit listener (127.0.0.1:15101), which
@@ -10,6 +10,8 @@ same verbs (enter, url, check, leave).
 - `ebpf`: the meshcni eBPF datapath is loaded on the lab's cgroup and both pods are enrolled; the client
   dials B:80, connect4 sends it to A's sidecar (15001), sk_lookup steers the sidecar's connection into B's
   inbound listener (15006).
+- `ebpf-nosplice` and `ebpf-splice-app` (for cost_per_request.py): `ebpf` without the proxy <-> proxy
+  splicing, and with the pods' app-splicing opt-in as well.
 - `iptables`: the same path made by Istio's nat rules (REDIRECT) inside both pods' namespaces.
 The lab is created without capture; each mode switches its mechanism on in `enter` and fully off in
 `leave` (the eBPF programs are unloaded and unpinned, not just the pods released; the iptables rules and
@@ -25,6 +27,7 @@ even if the bench dies half-way.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,7 @@ from meshcni.datapath.ebpf import EbpfDatapath
 from meshcni.datapath.iptables import CONNTRACK_CHAIN, OUR_CHAINS, IptablesInterceptor
 from meshcni.lab import haproxy
 from meshcni.lab.lab import pod_net
+from meshcni.datapath.interceptor import PodNet
 from meshcni.lab.state import LabState, PodState
 from meshcni.sys import iptables as ipt
 from meshcni.sys.netns import run_in_netns
@@ -187,6 +191,10 @@ class Ebpf(Mode):
     name = "ebpf"
     captured_by = "ebpf"
 
+    def net(self, pod: PodState) -> PodNet:
+        """The pod as the datapath enrols, verifies and releases it in this mode (the lab's pod config)."""
+        return pod_net(pod)
+
     def enter(self, b: Bench) -> dict:
         facts = start_clean(b, self.name)
         st = b.state
@@ -199,8 +207,8 @@ class Ebpf(Mode):
         for pod in st.pods:
             pod.captured = True
             st.save()
-            b.datapath.capture(pod_net(pod))
-        problems = {p.name: b.datapath.verify(pod_net(p)) for p in st.pods}
+            b.datapath.capture(self.net(pod))
+        problems = {p.name: b.datapath.verify(self.net(p)) for p in st.pods}
         if any(problems.values()):
             raise CaptureNotVerified(f"the eBPF datapath reports incomplete capture: {problems}")
         return {**facts, "bpf_load_s": round(load_s, 3), "splice": bool(b.datapath.splice)}
@@ -213,7 +221,7 @@ class Ebpf(Mode):
         try:
             for pod in st.pods:
                 if pod.captured:
-                    dp.release(pod_net(pod))
+                    dp.release(self.net(pod))
                     pod.captured = False
                     st.save()
         finally:
@@ -227,7 +235,7 @@ class Ebpf(Mode):
     def counters(self, b: Bench) -> dict:
         if b.datapath is None:
             raise CaptureNotVerified("the eBPF counters were read while the eBPF mode was not active")
-        return {p.name: b.datapath.counters(pod_net(p)) for p in (b.src, b.dst)}
+        return {p.name: b.datapath.counters(self.net(p)) for p in (b.src, b.dst)}
 
     def check(self, b: Bench, moved: dict, result: WrkResult, close_each: bool, connections: int) -> list[str]:
         problems = []
@@ -253,6 +261,19 @@ class EbpfWithoutSplice(Ebpf):
             return super().enter(b)
         finally:
             b.splice = splice  # read at enrolment only, so the bench's own setting is back for `ebpf`
+
+
+class EbpfSpliceApp(Ebpf):
+    """`ebpf` with both pods opted in to app splicing (`meshcni.io/splice-app: "true"`): the app's loopback
+    pair with its sidecar and the sidecar's 127.0.0.6 passthrough to nginx are spliced too, not only the
+    proxy <-> proxy pair. Safe here because wrk and nginx are non-blocking event loops (see "Splicing" in
+    docs/architecture.md for why it is opt-in); it shows what the opt-in buys, not the default's figure."""
+
+    name = "ebpf-splice-app"
+
+    def net(self, pod: PodState) -> PodNet:
+        net = pod_net(pod)
+        return dataclasses.replace(net, config=dataclasses.replace(net.config, splice_app=True))
 
 
 class Iptables(Mode):
@@ -301,4 +322,4 @@ class Iptables(Mode):
 
 
 MODES: dict[str, type[Mode]] = {m.name: m for m in (Direct, Explicit, ExplicitRouted, Ebpf, EbpfWithoutSplice,
-                                                    Iptables)}
+                                                    EbpfSpliceApp, Iptables)}

@@ -10,7 +10,8 @@ program figures are an upper bound.
 
     .venv/bin/python bench/cost_per_request.py [--rounds 4] [--duration 6] [--modes explicit,explicit-routed,ebpf]
 
-`--modes` takes any of bench/_modes.py's, including `ebpf-nosplice` (eBPF without proxy <-> proxy splicing).
+`--modes` takes any of bench/_modes.py's, including `ebpf-nosplice` (eBPF without proxy <-> proxy splicing)
+and `ebpf-splice-app` (eBPF with both pods' app-splicing opt-in, `meshcni.io/splice-app: "true"`).
 """
 
 from __future__ import annotations

@@ -385,3 +385,50 @@ def test_every_mode_starts_without_an_iptables_conntrack_hold_or_time_wait_socke
                 mode.enter(bench)
     finally:
         lab_core.down(name)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not HAVE_BCC, reason="needs bcc (python3-bpfcc)")
+def test_the_splice_app_mode_opts_both_pods_in_and_splices_the_app_pair_too(unique_id):
+    import _modes
+
+    from meshcni.datapath import maps
+    from meshcni.lab import lab as lab_core
+    from meshcni.lab import pod as podproc
+    from meshcni.lab.lab import LabNames
+    from meshcni.sys import proc
+
+    name = f"t-bsplice-{unique_id}"
+    state = lab_core.up(lab_core.LabOptions(name=name, pods=2, capture=False))
+    try:
+        a, b = state.pods
+        bench = _modes.Bench(state=state, src=a, dst=b, pin_dir=str(LabNames(name).bpf_pin_dir))
+
+        def one_request(mode) -> dict:
+            """Spliced messages each pod's slot counted for one curl request from A's app to B:80."""
+            mode.enter(bench)
+            try:
+                flags = {row["key"]: row["value"]["flag_names"]
+                         for row in maps.entries(bench.pin_dir, "mcni_pod_config_v1")[0]}
+                assert len(flags) == 2 and all("splice" in f for f in flags.values())
+                assert all(("splice_app" in f) == (mode.name == "ebpf-splice-app") for f in flags.values())
+                before = mode.counters(bench)
+                # as the app: in A's netns and the lab cgroup (where the programs are attached), not uid 1337
+                out = proc.run(["curl", "-s", "-D", "-", "-o", "/dev/null", f"http://{b.ip}/"], netns=a.netns,
+                               cgroup=state.cgroup, uid=podproc.APP_UID, gid=podproc.APP_GID, cwd="/",
+                               timeout=30).stdout.decode()
+                assert out.startswith("HTTP/1.1 200") and f"{a.name}-outbound" in out and f"{b.name}-inbound" in out
+                after = mode.counters(bench)
+                return {pod: after[pod]["msgs_spliced"] - before[pod]["msgs_spliced"] for pod in after}
+            finally:
+                mode.leave(bench)
+
+        plain = one_request(_modes.Ebpf())
+        opted_in = one_request(_modes.EbpfSpliceApp())
+        # Both splice the proxy <-> proxy pair; only the opt-in also splices curl <-> A's sidecar (request and
+        # answer) and B's sidecar <-> nginx, so each pod's slot passes more messages socket to socket.
+        assert plain[a.name] >= 1 and plain[b.name] >= 1
+        assert opted_in[a.name] >= plain[a.name] + 2 and opted_in[b.name] >= plain[b.name] + 2
+        assert not Path(bench.pin_dir).exists()
+    finally:
+        lab_core.down(name)
