@@ -7,6 +7,7 @@ No timing assertions: only counts, structure and the evidence each mode must car
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -33,6 +34,24 @@ except ImportError:
     HAVE_BCC = False
 
 MODES = ["direct", "explicit", "explicit-routed", "ebpf", "iptables"]
+
+
+@contextlib.contextmanager
+def bench_lab(prefix: str, unique_id: str):
+    """A two-pod lab without capture, as the bench's modes see it (traffic from the first pod to the second);
+    taken down however the test ends."""
+    import _modes
+
+    from meshcni.lab import lab as lab_core
+    from meshcni.lab.lab import LabNames
+
+    name = f"{prefix}-{unique_id}"
+    state = lab_core.up(lab_core.LabOptions(name=name, pods=2, capture=False))
+    try:
+        a, b = state.pods
+        yield _modes.Bench(state=state, src=a, dst=b, pin_dir=str(LabNames(name).bpf_pin_dir))
+    finally:
+        lab_core.down(name)
 
 
 @pytest.mark.root
@@ -343,16 +362,12 @@ def test_every_mode_starts_without_an_iptables_conntrack_hold_or_time_wait_socke
     import _modes
 
     from meshcni.datapath.iptables import CONNTRACK_CHAIN
-    from meshcni.lab import lab as lab_core
-    from meshcni.lab.lab import LabNames, pod_net
+    from meshcni.lab.lab import pod_net
     from meshcni.sys import iptables as ipt
     from meshcni.sys import netns
 
-    name = f"t-bclean-{unique_id}"
-    state = lab_core.up(lab_core.LabOptions(name=name, pods=2, capture=False))
-    try:
-        a, b = state.pods
-        bench = _modes.Bench(state=state, src=a, dst=b, pin_dir=str(LabNames(name).bpf_pin_dir))
+    with bench_lab("t-bclean", unique_id) as bench:
+        a, b = bench.src, bench.dst
 
         def time_wait(pod) -> int:
             out = netns.run_in_netns(pod.netns, ["ss", "-H", "-t", "state", "time-wait"],
@@ -383,8 +398,6 @@ def test_every_mode_starts_without_an_iptables_conntrack_hold_or_time_wait_socke
         for mode in (_modes.Direct(), _modes.Explicit(), _modes.Iptables()):
             with pytest.raises(_evidence.CaptureNotVerified, match=f"conntrack hold .*{CONNTRACK_CHAIN}.* in pod {b.name}"):
                 mode.enter(bench)
-    finally:
-        lab_core.down(name)
 
 
 @pytest.mark.root
@@ -393,16 +406,11 @@ def test_the_splice_app_mode_opts_both_pods_in_and_splices_the_app_pair_too(uniq
     import _modes
 
     from meshcni.datapath import maps
-    from meshcni.lab import lab as lab_core
     from meshcni.lab import pod as podproc
-    from meshcni.lab.lab import LabNames
     from meshcni.sys import proc
 
-    name = f"t-bsplice-{unique_id}"
-    state = lab_core.up(lab_core.LabOptions(name=name, pods=2, capture=False))
-    try:
-        a, b = state.pods
-        bench = _modes.Bench(state=state, src=a, dst=b, pin_dir=str(LabNames(name).bpf_pin_dir))
+    with bench_lab("t-bsplice", unique_id) as bench:
+        state, a, b = bench.state, bench.src, bench.dst
 
         def one_request(mode) -> dict:
             """Spliced messages each pod's slot counted for one curl request from A's app to B:80."""
@@ -430,5 +438,3 @@ def test_the_splice_app_mode_opts_both_pods_in_and_splices_the_app_pair_too(uniq
         assert plain[a.name] >= 1 and plain[b.name] >= 1
         assert opted_in[a.name] >= plain[a.name] + 2 and opted_in[b.name] >= plain[b.name] + 2
         assert not Path(bench.pin_dir).exists()
-    finally:
-        lab_core.down(name)
