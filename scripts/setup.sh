@@ -9,7 +9,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MESHCNI_VENV:-$ROOT/.venv}"
 APT_PACKAGES=(python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking-plugins iptables haproxy
-              conntrack nginx-light wrk bpftool python3-venv python3-dev psmisc iproute2 curl)
+              conntrack nginx-light wrk bpftool python3-venv python3-dev psmisc iproute2 curl linux-perf)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
