@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshcni.datapath.ebpf import EbpfDatapath
+from meshcni.datapath.interceptor import PodNet
 from meshcni.datapath.iptables import CONNTRACK_CHAIN, OUR_CHAINS, IptablesInterceptor
 from meshcni.lab import haproxy
 from meshcni.lab.lab import pod_net
-from meshcni.datapath.interceptor import PodNet
 from meshcni.lab.state import LabState, PodState
 from meshcni.sys import iptables as ipt
 from meshcni.sys.netns import run_in_netns

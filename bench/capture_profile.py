@@ -12,9 +12,9 @@ only for BPF, sockmap or socket storage (programs, helpers, maps, psocks, tcp_bp
 work, except the locks it takes, which land in `kernel other` with the scheduler, memory and syscalls;
 `network stack` (TCP, IP, devices, bridge, netfilter, socket layer) is where splicing saves.
 
-    .venv/bin/python bench/capture_profile.py [--modes explicit-routed,ebpf] [--rounds 2] [--duration 5]
+    .venv/bin/python bench/capture_profile.py [--modes explicit-routed,ebpf] [--rounds 4] [--duration 5]
 
-Needs `perf` (Debian's linux-perf, which scripts/setup.sh installs). On a shared VM one round is noise;
+Needs `perf` (Debian's linux-perf, which scripts/setup.sh installs). On a shared VM one round is noise (hence four);
 the user and `kernel other` rows move with the hypervisor, the `capture` row much less.
 """
 
@@ -143,7 +143,7 @@ def profile_run(b, mode, wrk: str, script: Path, duration: int, frequency: int, 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="explicit-routed,ebpf", help="two modes: the base, then the one to explain")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=int, default=5, help="seconds per measured run")
     ap.add_argument("--frequency", type=int, default=1999, help="perf samples per second per CPU")
     ap.add_argument("--top", type=int, default=25, help="functions to list")
