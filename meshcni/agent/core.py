@@ -576,11 +576,11 @@ class AgentCore:
         if interceptor is None:
             return []
         try:
-            interceptor.release(self._pod_net(record, PodConfig.from_dict(record.config).with_mode(mode)))
+            settled = interceptor.release(self._pod_net(record, PodConfig.from_dict(record.config).with_mode(mode)))
         except (SysError, OSError) as exc:
             return [f"{mode.value} release: {exc}"]
-        if mode is Mode.IPTABLES:
-            # release already dropped the conntrack hold if it could; the tick checks again in a while.
+        if mode is Mode.IPTABLES and not settled:
+            # a redirected connection still needs the conntrack hold: the tick checks again in a while
             self._conntrack_due[record.container_id] = time.monotonic() + CONNTRACK_RETRY_S
         return []
 

@@ -392,17 +392,18 @@ class IptablesInterceptor:
                 # The pod lost its IPv6 address (or never had one): leave no stale IPv6 capture behind.
                 self._release_family(pod, family)
 
-    def release(self, pod: PodNet) -> None:
+    def release(self, pod: PodNet) -> bool:
         """Remove our chains and jumps, then the conntrack hold if no redirected connection is still open
-        (see `drop_conntrack_hold`; when one is, the hold stays and a later call drops it)."""
+        (see `drop_conntrack_hold`). Returns False when a connection keeps the hold, which a later
+        `drop_conntrack_hold` must then drop; True when no hold is left."""
         try:
             check_netns(pod.netns)
         except NamespaceNotFound:
-            return  # the rules died with the namespace
+            return True  # the rules died with the namespace
         for family in Family:
             if ipt.family_available(family):
                 self._release_family(pod, family)
-        self.drop_conntrack_hold(pod)
+        return self.drop_conntrack_hold(pod)
 
     def drop_conntrack_hold(self, pod: PodNet) -> bool:
         """Stop conntrack in a pod netns that iptables no longer captures; returns False only while an open

@@ -130,7 +130,8 @@ def test_a_redirected_connection_open_across_release_keeps_its_translation(topo,
     interceptor, pod, conn = redirected_connection(topo, echo)
     try:
         assert ask(conn, "before") == "proxy:before"
-        interceptor.release(pod)  # e.g. the pod moves to eBPF; this connection is still the proxy's
+        # e.g. the pod moves to eBPF; this connection is still the proxy's, so the hold stays (False)
+        assert interceptor.release(pod) is False
         assert ask(conn, "after") == "proxy:after"
     finally:
         conn.close()
@@ -167,7 +168,7 @@ def test_a_connection_made_before_capture_is_not_redirected_mid_stream(topo, ech
     pod = topo.podnet(iptables_config(), ipv6=False)
     # A first capture and release leave the netns the way a switch to eBPF does (idle: no hold, no tracking).
     interceptor.capture(pod)
-    interceptor.release(pod)
+    assert interceptor.release(pod) is True  # nothing redirected was open: no hold is left
     conn = open_conn(topo.peer, topo.pod_ip, 8080)  # made while nothing in the pod is captured by iptables
     try:
         assert ask(conn, "before") == "app:before"

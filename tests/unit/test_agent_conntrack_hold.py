@@ -23,8 +23,10 @@ class ScriptedIptables:
         self.asked: list[str] = []
         self.released: list[str] = []
 
-    def release(self, pod) -> None:
+    def release(self, pod) -> bool:
+        """As the real one: the rules go, then the hold if it can (one scripted answer)."""
         self.released.append(pod.key)
+        return self.drop_conntrack_hold(pod)
 
     def capture(self, pod) -> None:  # re-adopting a pod in iptables mode after an agent restart
         pass
@@ -59,10 +61,17 @@ def leave_iptables(core: AgentCore, cid: str) -> None:
 
 def test_the_hold_is_retried_until_the_last_redirected_connection_ends(make_core):
     core, iptables = make_core({"c-a": [False, False, True]})
-    leave_iptables(core, "c-a")
+    leave_iptables(core, "c-a")  # release itself asks first: still held
     assert iptables.released == ["c-a"]
-    assert [core.drop_conntrack_holds() for _ in range(4)] == [0, 0, 1, 0]
+    assert [core.drop_conntrack_holds() for _ in range(3)] == [0, 1, 0]
     assert iptables.asked == ["c-a"] * 3  # settled: never asked again
+
+
+def test_a_hold_release_dropped_itself_is_never_asked_about_again(make_core):
+    core, iptables = make_core({"c-idle": [True]})
+    leave_iptables(core, "c-idle")
+    assert [core.drop_conntrack_holds() for _ in range(2)] == [0, 0]
+    assert iptables.asked == ["c-idle"]  # only release's own check
 
 
 def test_a_pod_back_in_iptables_mode_or_deleted_is_no_longer_asked_about(make_core):
@@ -73,36 +82,36 @@ def test_a_pod_back_in_iptables_mode_or_deleted_is_no_longer_asked_about(make_co
     core.registry.remove("c-gone")
     assert core.drop_conntrack_holds() == 0
     assert core.drop_conntrack_holds() == 0
-    assert iptables.asked == []
+    assert iptables.asked == ["c-back", "c-gone"]  # by their own release only
 
 
 def test_one_tick_asks_about_a_bounded_number_of_pods(make_core):
-    pods = {f"c-{i}": [True] for i in range(agent_core.CONNTRACK_PER_TICK + 3)}
+    pods = {f"c-{i}": [False, True] for i in range(agent_core.CONNTRACK_PER_TICK + 3)}
     core, iptables = make_core(pods)
     for cid in pods:
-        leave_iptables(core, cid)
+        leave_iptables(core, cid)  # each still held when it leaves
     assert core.drop_conntrack_holds() == agent_core.CONNTRACK_PER_TICK
     assert core.drop_conntrack_holds() == 3
-    assert sorted(iptables.asked) == sorted(pods)
+    assert sorted(iptables.asked) == sorted(list(pods) * 2)
 
 
 def test_leaving_another_mode_schedules_nothing(make_core):
     core, iptables = make_core({"c-a": [False]})
     core.interceptors[Mode.EBPF] = iptables  # any interceptor: only leaving iptables keeps conntrack on
     assert core._release(core.registry.get("c-a"), Mode.EBPF) == []
-    assert core.drop_conntrack_holds() == 0 and iptables.asked == []
+    assert core.drop_conntrack_holds() == 0 and iptables.asked == ["c-a"]  # its release's own check only
 
 
 def test_a_restarted_agent_looks_again_at_pods_outside_iptables_mode(make_core, monkeypatch, tmp_path):
     # The first agent moved a pod from iptables to off with a redirected connection open, then died before
     # its tick saw the connection end: the schedule was in its memory, the hold is in the pod netns.
-    core, iptables = make_core({"c-off": [False, True]}, mode="off")
+    core, iptables = make_core({"c-off": [False, False, True]}, mode="off")
     leave_iptables(core, "c-off")
     monkeypatch.setattr(agent_core.netns_sys, "check_netns", lambda path: None)  # the netns paths are made up
     restarted = AgentCore(Registry(tmp_path), {Mode.IPTABLES: iptables}, node_mode=Mode.OFF)
     assert restarted.recover()["readopted"] == 1
     assert [restarted.drop_conntrack_holds() for _ in range(3)] == [0, 1, 0]
-    assert iptables.asked == ["c-off"] * 2
+    assert iptables.asked == ["c-off"] * 3  # the first agent's release, then the restarted one's ticks
 
 
 def test_a_restarted_agent_leaves_the_hold_of_a_pod_still_in_iptables_mode_alone(make_core, monkeypatch,
