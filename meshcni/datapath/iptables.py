@@ -449,8 +449,8 @@ class IptablesInterceptor:
         The nat table sees only the first packet of each connection, so a rule's packet count is the number
         of connections it decided: REDIRECT in ISTIO_REDIRECT (outbound_captured) and ISTIO_IN_REDIRECT
         (inbound_steered), RETURN in ISTIO_OUTPUT and ISTIO_INBOUND (bypassed: the proxy's own connections,
-        loopback, excluded ports and CIDRs). Summed over the pod's IP families. The counts live in the rules, so they
-        start from zero whenever the pod enters iptables mode; a pod without our rules counts nothing.
+        loopback, excluded ports and CIDRs). Summed over the pod's IP families. The counts live in the rules,
+        so they start from zero whenever the pod enters iptables mode; a pod without our rules counts nothing.
         """
         totals = {"outbound_captured": 0, "inbound_steered": 0, "bypassed": 0}
         try:

@@ -10,6 +10,9 @@ for `up`, `status`, `down` and `demo` live here too, so the CLI has one place th
 
 from __future__ import annotations
 
+import threading
+import time
+
 from meshcni.lab import haproxy, traffic
 from meshcni.lab import lab as lab_core
 from meshcni.lab.payload import digest, payload
@@ -37,12 +40,17 @@ def exercise(state: LabState) -> dict:
     if len(state.pods) < 2:
         raise LabError("the demo needs at least 2 pods (--pods 2)")
     a, b = state.pods[0], state.pods[1]
-    log = _EventLog(state) if state.use_agent and state.capture and state.agent_mode == "ebpf" else None
-    checks = [
-        _http(state, a, b, b.ip, 80, "/", via=_captured_path(state, a, b)),
-    ]
-    if log is not None:
-        checks.append(_first_request_events(log.settle(), a, b))
+    if state.use_agent and state.capture and state.agent_mode == "ebpf":
+        # `meshcni events` for the first request only: the watch is open before it and closed after it
+        log = _EventLog(state)
+        try:
+            checks = [_http(state, a, b, b.ip, 80, "/", via=_captured_path(state, a, b))]
+            events = log.settle()
+        finally:
+            log.close()
+        checks.append(_first_request_events(events, a, b))
+    else:
+        checks = [_http(state, a, b, b.ip, 80, "/", via=_captured_path(state, a, b))]
     checks += [
         _http(state, b, a, a.ip, 80, "/", via=_captured_path(state, b, a)),
         _http(
@@ -51,8 +59,6 @@ def exercise(state: LabState) -> dict:
         _bulk_get(state, a, b),
         _echo(state, a, b, b.ip, haproxy.ECHO_PORT),
     ]
-    if log is not None:
-        log.close()
     if state.hold_listeners:
         checks.append(_hot_upgrades(state, a, b))
     stats = traffic.proxy_stats(state)
@@ -118,9 +124,7 @@ class _EventLog:
     thread. Starts only once the agent watches, so the first request's decisions are all there."""
 
     def __init__(self, state: LabState):
-        import threading
-
-        from meshcni.agent.client import AgentClient
+        from meshcni.agent.client import AgentClient  # grpc only for a demo with an agent
         from meshcni.lab import agent as lab_agent
 
         self._client = AgentClient(str(lab_agent.paths(state)["socket"]))
@@ -133,8 +137,6 @@ class _EventLog:
     def settle(self) -> list[dict]:
         """The events so far, once none arrived for a moment (a decision is taken before its request returns;
         this only waits for the agent to pass it on)."""
-        import time
-
         seen, quiet = -1, 0
         while quiet < 3:
             time.sleep(0.1)
@@ -221,7 +223,6 @@ def _echo(state: LabState, src: PodState, dst: PodState, host: str, port: int) -
 def _hot_upgrades(state: LabState, src: PodState, dst: PodState, graceful: int = 3, kills: int = 2) -> dict:
     """Replace dst's sidecar through the agent (`meshcni proxy upgrade`) under a connection-per-request load
     from src: every request must still be answered by dst through both proxies."""
-    import time
 
     from meshcni.agent.client import AgentClient
     from meshcni.lab import agent as lab_agent

@@ -10,8 +10,6 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from meshcni.api import fork_safe  # noqa: F401 - before grpc is imported
-
 import grpc
 import pytest
 
