@@ -47,6 +47,9 @@ from meshcni.lab.state import LabError, LabNames  # noqa: E402
 from meshcni.sys.errors import SysError  # noqa: E402
 
 MODE_ORDER = ["direct", "explicit", "explicit-routed", "ebpf", "iptables"]
+# Not run by default; --modes takes them to compare eBPF with itself in one run (its figures, no targets).
+OPTIONAL_MODES = ["ebpf-nosplice"]
+KNOWN_MODES = MODE_ORDER[:4] + OPTIONAL_MODES + MODE_ORDER[4:]  # the canonical order of --modes
 FULL = {"rounds": 5, "duration": 8, "warmup": 1}
 QUICK = {"rounds": 2, "duration": 3, "warmup": 1}
 BPF_DIR_ENV = "MESHCNI_BPF_DIR"
@@ -72,7 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="wrk threads (default 1: on 2 cores the proxies and nginx need the other)")
     p.add_argument("--pods", type=int, default=2,
                    help="lab pods (default 2); traffic flows from the first to the second, captured modes capture all")
-    p.add_argument("--modes", default=",".join(MODE_ORDER), help=f"comma-separated subset of {','.join(MODE_ORDER)}")
+    p.add_argument("--modes", default=",".join(MODE_ORDER),
+                   help=f"comma-separated subset of {','.join(KNOWN_MODES)} (default: all but "
+                        f"{','.join(OPTIONAL_MODES)}, eBPF without proxy<->proxy splicing)")
     p.add_argument("--profiles", default=",".join(_report.PROFILES),
                    help="comma-separated subset of keep-alive,close (close = one connection per request)")
     p.add_argument("--path", default="/", help="HTTP path requested from nginx (default /, a ~40-byte answer; "
@@ -85,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.modes = _pick(args.modes, MODE_ORDER, "--modes")
+    args.modes = _pick(args.modes, KNOWN_MODES, "--modes")
     args.profiles = _pick(args.profiles, list(_report.PROFILES), "--profiles")
     if args.rounds < 1 or args.duration <= 0 or args.warmup < 0:
         raise BenchError("--rounds must be ≥ 1, --duration > 0 and --warmup ≥ 0")
