@@ -99,11 +99,32 @@ BOOTSTRAP_SEED = 1  # fixed, so the same runs always print the same interval
 METRIC_MEDIANS = {"rps": "rps_median", "req_per_cpu_s": "req_per_cpu_s_median", "p99": "p99_ms_median"}
 
 
-def _run_value(run: dict, metric: str) -> float:
+def run_value(run: dict, metric: str) -> float:
+    """One run's figure for a metric: req/s, requests per busy CPU-second, or p99 in ms."""
     if metric == "req_per_cpu_s":
         return run["cpu"]["requests_per_busy_cpu_s"]
     wrk = run["wrk"]
     return wrk["rps"] if metric == "rps" else wrk["latency_us"]["percentiles"]["99"] / 1000
+
+
+def bootstrap_interval(items: list, statistic, level: float = 0.90) -> tuple[float, float] | None:
+    """A `level` interval for statistic(items), from resampling the items with replacement (a resample whose
+    statistic is None is skipped); None with fewer than three items (too few to resample)."""
+    if len(items) < 3:
+        return None
+    rng = random.Random(BOOTSTRAP_SEED)
+    values = sorted(v for v in (statistic(rng.choices(items, k=len(items))) for _ in range(BOOTSTRAP_RESAMPLES))
+                    if v is not None)
+    tail = (1 - level) / 2
+    return values[int(tail * (len(values) - 1))], values[int((1 - tail) * (len(values) - 1))]
+
+
+def clearly(interval: tuple[float, float], bound: float, higher_is_better: bool) -> str:
+    """Where an interval lies against a bound: wholly on the good side ("met"), wholly on the bad side
+    ("not met"), or across it ("within noise")."""
+    lo, hi = interval
+    whole_ok, part_ok = (lo >= bound, hi >= bound) if higher_is_better else (hi <= bound, lo <= bound)
+    return "met" if whole_ok else ("within noise" if part_ok else "not met")
 
 
 def ratio_interval(runs: list[dict], profile: str, num: str, den: str, metric: str,
@@ -113,20 +134,14 @@ def ratio_interval(runs: list[dict], profile: str, num: str, den: str, metric: s
     by_round: dict[int, dict[str, float]] = {}
     for run in runs:
         if run["profile"] == profile and run["mode"] in (num, den):
-            by_round.setdefault(run["round"], {})[run["mode"]] = _run_value(run, metric)
+            by_round.setdefault(run["round"], {})[run["mode"]] = run_value(run, metric)
     pairs = [(r[num], r[den]) for r in by_round.values() if num in r and den in r]
-    if len(pairs) < 3:
-        return None
-    rng = random.Random(BOOTSTRAP_SEED)
-    ratios = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        sample = rng.choices(pairs, k=len(pairs))
+
+    def ratio_of_medians(sample: list[tuple[float, float]]) -> float | None:
         den_median = statistics.median(d for _, d in sample)
-        if den_median:
-            ratios.append(statistics.median(n for n, _ in sample) / den_median)
-    ratios.sort()
-    tail = (1 - level) / 2
-    return ratios[int(tail * (len(ratios) - 1))], ratios[int((1 - tail) * (len(ratios) - 1))]
+        return statistics.median(n for n, _ in sample) / den_median if den_median else None
+
+    return bootstrap_interval(pairs, ratio_of_medians, level)
 
 
 def targets(summary: dict, runs: list[dict] | None = None) -> list[dict]:
@@ -156,10 +171,8 @@ def targets(summary: dict, runs: list[dict] | None = None) -> list[dict]:
                        "met": met}
             interval = ratio_interval(runs, profile, num, den, m) if runs else None
             if interval:
-                lo, hi = interval
-                whole_ok, part_ok = (lo >= bound, hi >= bound) if higher_is_better else (hi <= bound, lo <= bound)
-                verdict["interval90"] = [round(lo, 3), round(hi, 3)]
-                verdict["clearly"] = "met" if whole_ok else ("within noise" if part_ok else "not met")
+                verdict["interval90"] = [round(interval[0], 3), round(interval[1], 3)]
+                verdict["clearly"] = clearly(interval, bound, higher_is_better)
             verdicts.append(verdict)
     return verdicts
 

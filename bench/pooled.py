@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -58,10 +57,7 @@ class Pooled:
         """met / within noise / not met by where the interval lies; '–' without a bound or an interval."""
         if self.bound is None or self.interval90 is None:
             return "–"
-        lo, hi = self.interval90
-        if self.higher_is_better:
-            return "met" if lo >= self.bound else ("within noise" if hi >= self.bound else "not met")
-        return "met" if hi <= self.bound else ("within noise" if lo <= self.bound else "not met")
+        return _report.clearly(self.interval90, self.bound, self.higher_is_better)
 
 
 def load(paths: list[Path]) -> list[list[dict]]:
@@ -94,9 +90,9 @@ def paired_ratios(reports: list[list[dict]], profile: str, num: str, den: str, m
                 continue
             if metric == "req_per_cpu_s" and not (pair[num].get("cpu") and pair[den].get("cpu")):
                 continue
-            d = _report._run_value(pair[den], metric)
+            d = _report.run_value(pair[den], metric)
             if d:
-                ratios.append(_report._run_value(pair[num], metric) / d)
+                ratios.append(_report.run_value(pair[num], metric) / d)
                 found += 1
         used += bool(found)
     return ratios, used
@@ -105,12 +101,7 @@ def paired_ratios(reports: list[list[dict]], profile: str, num: str, den: str, m
 def interval(ratios: list[float], level: float = LEVEL) -> tuple[float, float] | None:
     """A `level` interval for the median ratio by resampling rounds (fixed seed: the same reports always give
     the same interval); None with fewer than three rounds."""
-    if len(ratios) < 3:
-        return None
-    rng = random.Random(_report.BOOTSTRAP_SEED)
-    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(_report.BOOTSTRAP_RESAMPLES))
-    tail = (1 - level) / 2
-    return meds[int(tail * (len(meds) - 1))], meds[int((1 - tail) * (len(meds) - 1))]
+    return _report.bootstrap_interval(ratios, statistics.median, level)
 
 
 def pool(reports: list[list[dict]]) -> list[Pooled]:
