@@ -34,7 +34,7 @@ LEVEL = 0.90
 
 
 class PoolError(RuntimeError):
-    """A report could not be read, or holds no rounds to pool."""
+    """A file could not be read, or is not a throughput report."""
 
 
 @dataclass(frozen=True)
