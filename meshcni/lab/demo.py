@@ -10,6 +10,7 @@ for `up`, `status`, `down` and `demo` live here too, so the CLI has one place th
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -40,17 +41,13 @@ def exercise(state: LabState) -> dict:
     if len(state.pods) < 2:
         raise LabError("the demo needs at least 2 pods (--pods 2)")
     a, b = state.pods[0], state.pods[1]
-    if state.use_agent and state.capture and state.agent_mode == "ebpf":
-        # `meshcni events` for the first request only: the watch is open before it and closed after it
-        log = _EventLog(state)
-        try:
-            checks = [_http(state, a, b, b.ip, 80, "/", via=_captured_path(state, a, b))]
-            events = log.settle()
-        finally:
-            log.close()
-        checks.append(_first_request_events(events, a, b))
-    else:
+    # With eBPF through the agent, `meshcni events` watches the first request, and only it.
+    watched = state.use_agent and state.capture and state.agent_mode == "ebpf"
+    with _EventLog(state) if watched else contextlib.nullcontext() as log:
         checks = [_http(state, a, b, b.ip, 80, "/", via=_captured_path(state, a, b))]
+        events = log.settle() if log else []
+    if log:
+        checks.append(_first_request_events(events, a, b))
     checks += [
         _http(state, b, a, a.ip, 80, "/", via=_captured_path(state, b, a)),
         _http(
@@ -120,8 +117,9 @@ def _http(state: LabState, src: PodState, dst: PodState, host: str, port: int, p
 
 
 class _EventLog:
-    """`meshcni events` for the whole node while the demo runs: a watch through the lab's agent, read by a
-    thread. Starts only once the agent watches, so the first request's decisions are all there."""
+    """`meshcni events` for the whole node while it is open: a watch through the lab's agent, read by a
+    thread. Open only once the agent watches, so the decisions of a request made inside are all there; closed
+    on leaving the `with` block, however it is left."""
 
     def __init__(self, state: LabState):
         from meshcni.agent.client import AgentClient  # grpc only for a demo with an agent
@@ -147,6 +145,12 @@ class _EventLog:
         self._stream.cancel()
         self._reader.join(5)
         self._client.close()
+
+    def __enter__(self) -> "_EventLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _first_request_events(events: list[dict], src: PodState, dst: PodState) -> dict:
@@ -223,7 +227,6 @@ def _echo(state: LabState, src: PodState, dst: PodState, host: str, port: int) -
 def _hot_upgrades(state: LabState, src: PodState, dst: PodState, graceful: int = 3, kills: int = 2) -> dict:
     """Replace dst's sidecar through the agent (`meshcni proxy upgrade`) under a connection-per-request load
     from src: every request must still be answered by dst through both proxies."""
-
     from meshcni.agent.client import AgentClient
     from meshcni.lab import agent as lab_agent
     from meshcni.lab import pod as podproc

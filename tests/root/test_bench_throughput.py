@@ -216,13 +216,13 @@ def test_wrk_argv_and_parse():
         _wrk.parse("Running 3s test\nno json here\n")
 
 
-
 def test_modes_take_ebpf_without_splicing_on_request_only():
     assert "ebpf-nosplice" not in throughput.parse_args([]).modes
     picked = throughput.parse_args(["--modes", "iptables,ebpf-nosplice,ebpf,ebpf"]).modes
     assert picked == ["ebpf", "ebpf-nosplice", "iptables"]  # canonical order, duplicates dropped
     with pytest.raises(throughput.BenchError, match="ebpf-splice"):
         throughput.parse_args(["--modes", "ebpf-splice"])
+
 
 def _run(mode: str, profile: str, rps: float, p99_us: int, rnd: int = 1, cpu: dict | None = None) -> dict:
     return {"round": rnd, "mode": mode, "profile": profile, **({"cpu": cpu} if cpu else {}), "wrk": {
