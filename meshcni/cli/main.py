@@ -24,8 +24,9 @@ def _register() -> None:
     from meshcni.cli import lab as lab_cli
     from meshcni.cli import node as node_cli
     from meshcni.cli import proxy as proxy_cli
+    from meshcni.cli import proxy_exec as proxy_exec_cli
 
-    for command in (agent_cli.agent, install_cli.install_cni, lab_cli.lab, proxy_cli.proxy_exec, proxy_cli.proxy,
+    for command in (agent_cli.agent, install_cli.install_cni, lab_cli.lab, proxy_exec_cli.proxy_exec, proxy_cli.proxy,
                     doctor_cli.doctor, node_cli.status, node_cli.pods, node_cli.counters, node_cli.maps, node_cli.events,
                     node_cli.mode):
         main.add_command(command)

@@ -1,9 +1,7 @@
-"""`meshcni proxy exec|status|upgrade` and `meshcni proxy-exec`: the sidecar's launcher and the hot-upgrade verbs.
+"""`meshcni proxy exec|status|upgrade`: the sidecar's launcher and the hot-upgrade verbs.
 
-`proxy-exec` (also `proxy exec`) runs in the sidecar: it fetches the agent-held listeners over the pod's
-handoff socket and execs the proxy with them; its errors print one line on stderr and exit 1, so a container
-runtime restarts the sidecar and its log says why. Run it as `python -m meshcni.cli.proxy` when the `meshcni`
-script is not on PATH (the upgrade flows do that, with the interpreter they run under).
+`proxy exec` is `meshcni proxy-exec` (meshcni/cli/proxy_exec.py, kept in its own module so the sidecar's
+start-up does not load the gRPC client these verbs need).
 
 `status` and `upgrade` ask the node agent, like the other node verbs (`-o json`, exit 3 when the agent is
 not running, 1 when it refuses): `upgrade POD [-- CMD ...]` starts the next proxy like the current one
@@ -13,37 +11,11 @@ not running, 1 when it refuses): `upgrade POD [-- CMD ...]` starts the next prox
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from meshcni.cli.node import _OUTPUT, _SOCKET, _run, table
-from meshcni.handoff import proxy_exec as core
-from meshcni.handoff.errors import HandoffError
-
-_CONTEXT = {"help_option_names": ["-h", "--help"]}
-
-
-def _exec_command(name: str) -> click.Command:
-    @click.command(name, context_settings=_CONTEXT)
-    @click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
-                  help="The pod's handoff socket served by the meshcni agent.")
-    @click.option("--env-only", is_flag=True,
-                  help="Leave the descriptors where they arrive and set only MESHCNI_FD_<NAME> (no LISTEN_FDS).")
-    @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-    def run(socket_path: str, env_only: bool, command: tuple[str, ...]) -> None:
-        """Fetch the pod's listeners and exec COMMAND with them (fd 3.., LISTEN_FDS, MESHCNI_FD_*)."""
-        try:
-            handoff = core.fetch(socket_path)
-            core.exec_proxy(handoff, command, env_only=env_only)
-        except HandoffError as exc:
-            click.echo(f"meshcni proxy-exec: {exc}", err=True)
-            sys.exit(1)
-
-    return run
-
-
-proxy_exec = _exec_command("proxy-exec")
+from meshcni.cli.proxy_exec import CONTEXT as _CONTEXT
+from meshcni.cli.proxy_exec import exec_command
 
 
 @click.group("proxy", context_settings=_CONTEXT)
@@ -51,7 +23,7 @@ def proxy() -> None:
     """The pod's proxy: agent-held listeners, handoffs and hot upgrades."""
 
 
-proxy.add_command(_exec_command("exec"))
+proxy.add_command(exec_command("exec"))
 
 
 @proxy.command("status")
@@ -104,6 +76,3 @@ def upgrade(pod, command, kind, stop_signal, ready_socket, timeout, output, sock
     _run(output, socket_path, lambda c: c.upgrade_proxy(pod, kind, list(command), stop_signal, ready_socket, timeout),
          render)
 
-
-if __name__ == "__main__":
-    proxy_exec(prog_name="meshcni proxy-exec")

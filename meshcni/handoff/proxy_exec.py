@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -23,6 +24,14 @@ from meshcni.handoff.errors import HandoffError
 
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start here
 CONNECT_TIMEOUT = 5.0
+# The launcher's own module: it loads only click and this package, so a hot upgrade's next proxy starts fast.
+LAUNCHER_MODULE = "meshcni.cli.proxy_exec"
+
+
+def launcher_argv(handoff_socket: str, command: Sequence[str]) -> list[str]:
+    """How the agent and the lab start a sidecar on its held listeners: `proxy-exec` under this interpreter
+    (the `meshcni` script may not be on PATH), then `command` in its place."""
+    return [sys.executable, "-m", LAUNCHER_MODULE, "--socket", str(handoff_socket), "--", *command]
 
 
 @dataclass

@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from meshcni.config import PROXY_GID, PROXY_UID
+from meshcni.handoff import proxy_exec
 from meshcni.handoff.errors import HandoffError, UpgradeError
 from meshcni.handoff.listeners import PodListeners, accept_queue
 from meshcni.handoff.protocol import close_fds
@@ -57,7 +57,7 @@ class ProxyLauncher:
     def command(self) -> list[str]:
         if self.handoff_socket is None:
             return list(self.argv)
-        return [sys.executable, "-m", "meshcni.cli.proxy", "--socket", self.handoff_socket, "--", *self.argv]
+        return proxy_exec.launcher_argv(self.handoff_socket, self.argv)
 
     def start(self) -> subprocess.Popen:
         return proc.spawn(self.command(), netns=self.netns, cgroup=self.cgroup, uid=self.uid, gid=self.gid,

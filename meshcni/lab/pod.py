@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from meshcni.config import PROXY_GID, PROXY_UID
+from meshcni.handoff.proxy_exec import launcher_argv
 from meshcni.lab import haproxy, nginx
 from meshcni.lab.state import LabError, LabState, PodState
 from meshcni.sys import proc
@@ -92,8 +93,7 @@ def _sidecar_argv(state: LabState, pod: PodState, conf: Path) -> list[str]:
         return haproxy.argv(conf)
     from meshcni.lab import agent as lab_agent
 
-    return [sys.executable, "-m", "meshcni.cli.proxy", "--socket", str(lab_agent.handoff_socket(state, pod)),
-            "--", *haproxy.argv(conf)]
+    return launcher_argv(str(lab_agent.handoff_socket(state, pod)), haproxy.argv(conf))
 
 
 def _wait_listening(pod: PodState, name: str, p, ports: set[int], log: Path, timeout: float) -> None:

@@ -88,13 +88,13 @@ def test_sigkill_restarts_lose_no_request(held):
 def test_a_wrong_uid_is_refused_and_counted(held):
     socket_path = lab_agent.handoff_socket(held.state, held.pod)
     before = held.proxy_status()["refused"]
-    r = proc.run([sys.executable, "-m", "meshcni.cli.proxy", "--socket", str(socket_path), "--",
+    r = proc.run([sys.executable, "-m", "meshcni.cli.proxy_exec", "--socket", str(socket_path), "--",
                   "/bin/true"], netns=held.pod.netns, uid=podproc.APP_UID, gid=podproc.APP_GID, timeout=30)
     assert r.returncode == 1
     assert b"not the pod's proxy uid" in r.stderr
     assert held.proxy_status()["refused"] == before + 1
     # the same uid as the proxy, but from the other pod's netns: refused too
-    r = proc.run([sys.executable, "-m", "meshcni.cli.proxy", "--socket", str(socket_path), "--",
+    r = proc.run([sys.executable, "-m", "meshcni.cli.proxy_exec", "--socket", str(socket_path), "--",
                   "/bin/true"], netns=held.client_pod.netns, uid=1337, gid=1337, timeout=30)
     assert r.returncode == 1 and b"network namespace" in r.stderr
     assert held.proxy_status()["refused"] == before + 2

@@ -196,8 +196,8 @@ _REPORT = (
 
 def test_proxy_exec_places_fds_at_3_and_execs_in_place(listeners, sockdir):
     with HandoffServer(sockdir / "h.sock", listeners, os.geteuid()) as srv:
-        cp = subprocess.run([sys.executable, "-m", "meshcni.cli.proxy", "--socket", str(sockdir / "h.sock"), "--",
-                             sys.executable, "-c", _REPORT], capture_output=True, text=True, timeout=60)
+        cp = subprocess.run(proxy_exec.launcher_argv(str(sockdir / "h.sock"), [sys.executable, "-c", _REPORT]),
+                            capture_output=True, text=True, timeout=60)
         assert cp.returncode == 0, cp.stderr
         rep = json.loads(cp.stdout)
         assert srv.counters()["handoffs"] == 1
@@ -208,8 +208,8 @@ def test_proxy_exec_places_fds_at_3_and_execs_in_place(listeners, sockdir):
 
 
 def test_proxy_exec_without_agent_socket_exits_1_with_a_clear_message(tmp_path):
-    cp = subprocess.run([sys.executable, "-m", "meshcni.cli.proxy", "--socket", str(tmp_path / "none.sock"), "--",
-                         "true"], capture_output=True, text=True, timeout=60)
+    cp = subprocess.run(proxy_exec.launcher_argv(str(tmp_path / "none.sock"), ["true"]),
+                        capture_output=True, text=True, timeout=60)
     assert cp.returncode == 1
     assert cp.stderr.strip() == f"meshcni proxy-exec: no handoff socket at {tmp_path / 'none.sock'} (is the meshcni agent running?)"
 
@@ -217,8 +217,8 @@ def test_proxy_exec_without_agent_socket_exits_1_with_a_clear_message(tmp_path):
 def test_proxy_exec_refused_exits_1_and_never_runs_the_command(listeners, sockdir, tmp_path):
     marker = tmp_path / "ran"
     with HandoffServer(sockdir / "h.sock", listeners, os.geteuid() + 1):
-        cp = subprocess.run([sys.executable, "-m", "meshcni.cli.proxy", "--socket", str(sockdir / "h.sock"), "--",
-                             "touch", str(marker)], capture_output=True, text=True, timeout=60)
+        cp = subprocess.run(proxy_exec.launcher_argv(str(sockdir / "h.sock"), ["touch", str(marker)]),
+                            capture_output=True, text=True, timeout=60)
     assert cp.returncode == 1
     assert "the handoff server refused: uid" in cp.stderr
     assert not marker.exists()
@@ -226,10 +226,22 @@ def test_proxy_exec_refused_exits_1_and_never_runs_the_command(listeners, sockdi
 
 def test_proxy_exec_reports_a_missing_command(listeners, sockdir):
     with HandoffServer(sockdir / "h.sock", listeners, os.geteuid()):
-        cp = subprocess.run([sys.executable, "-m", "meshcni.cli.proxy", "--socket", str(sockdir / "h.sock"), "--",
-                             "/nonexistent/proxy"], capture_output=True, text=True, timeout=60)
+        cp = subprocess.run(proxy_exec.launcher_argv(str(sockdir / "h.sock"), ["/nonexistent/proxy"]),
+                            capture_output=True, text=True, timeout=60)
     assert cp.returncode == 1
     assert cp.stderr.strip() == "meshcni proxy-exec: cannot run /nonexistent/proxy: No such file or directory"
+
+
+def test_the_launcher_loads_neither_grpc_nor_the_node_verbs():
+    """proxy-exec is on every hot upgrade's critical path: its start-up must not pay for the agent client."""
+    cp = subprocess.run([sys.executable, "-c", f"import runpy, sys; sys.argv = ['x', '--help']\n"
+                         f"try:\n    runpy.run_module('{proxy_exec.LAUNCHER_MODULE}', run_name='__main__')\n"
+                         f"except SystemExit:\n    pass\n"
+                         f"heavy = ('grpc', 'meshcni.cli.node', 'meshcni.agent.client')\n"
+                         f"print(sorted(m for m in heavy if m in sys.modules))"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert "--socket" in cp.stdout and cp.stdout.strip().endswith("[]")
 
 
 def test_answer_with_mismatched_fd_count_is_rejected_and_closed():
