@@ -17,6 +17,7 @@ from google.protobuf.json_format import MessageToDict
 
 from meshcni.api import agent_pb2 as pb
 from meshcni.api import agent_pb2_grpc as pb_grpc
+from meshcni.handoff.upgrade import DRAIN_TIMEOUT, READY_TIMEOUT
 
 DEFAULT_SOCKET = "/var/run/meshcni/agent.sock"
 
@@ -63,11 +64,11 @@ class AgentClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, timeout: float | None = None):
         if not os.path.exists(self.socket_path):
             raise AgentNotRunning(self.socket_path, "the socket does not exist")
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout)
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
                 raise AgentNotRunning(self.socket_path, exc.details()) from None
@@ -117,7 +118,10 @@ class AgentClient:
                       stop_signal: str = "", ready_socket: str = "", timeout: float = 0.0) -> dict:
         req = pb.UpgradeRequest(key=key, kind=kind, argv=argv or [], stop_signal=stop_signal,
                                 ready_socket=ready_socket, timeout_seconds=timeout)
-        return to_dict(self._call("UpgradeProxy", req))
+        # The agent answers once the new proxy serves and the old one has drained (or its drain timed out): the
+        # call outlives both waits, so a slow upgrade that succeeded is never reported as a failed call.
+        deadline = self.timeout + (timeout or READY_TIMEOUT) + DRAIN_TIMEOUT
+        return to_dict(self._call("UpgradeProxy", req, timeout=deadline))
 
     def maps(self, name: str = "", limit: int = 0) -> dict:
         d = to_dict(self._call("Maps", pb.MapsRequest(name=name, limit=limit)))

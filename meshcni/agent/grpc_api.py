@@ -26,6 +26,7 @@ from meshcni.api import agent_pb2 as pb
 from meshcni.api import agent_pb2_grpc as pb_grpc
 from meshcni.datapath import maps as datapath_maps
 from meshcni.datapath.events import ConnectionEvent, wall_clock_ns
+from meshcni.handoff.upgrade import READY_TIMEOUT
 
 log = logging.getLogger("meshcni.agent")
 
@@ -156,7 +157,7 @@ class AgentService(pb_grpc.AgentServicer):
         result = self.core.upgrade_proxy(request.key, request.kind or "graceful", argv=list(request.argv),
                                          stop_signal=request.stop_signal or "SIGUSR1",
                                          ready_socket=request.ready_socket or None,
-                                         timeout=request.timeout_seconds or 10.0)
+                                         timeout=request.timeout_seconds or READY_TIMEOUT)
         return pb.UpgradeReply(kind=result.kind, old_pid=result.old_pid, new_pid=result.new.pid,
                                old_exited=result.old_exited, queued=result.queued,
                                in_flight_lost=result.in_flight_lost, seconds=result.seconds)
