@@ -89,7 +89,8 @@ static __always_inline int mcni_splice_candidate(const struct mcni_tuple *t)
 
 /* Whether a tuple can be one end of a proxy <-> proxy connection on this node: between pod IPs (not loopback,
  * whose peer in the same netns is never steered to the proxy) and not the proxy's 127.0.0.6 / ::6 passthrough
- * to its own app. Such ends are what sockops and sk_lookup record in mcni_proxy_ends_v1. */
+ * to its own app. Such ends are what sockops marks (outgoing) and sk_lookup records in mcni_proxy_ends_v1
+ * (accepted). */
 static __always_inline int mcni_proxy_pair_candidate(const struct mcni_tuple *t)
 {
 	if (t->netns || mcni_ip_is_passthrough(&t->local) || mcni_ip_is_passthrough(&t->remote))

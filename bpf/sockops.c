@@ -10,8 +10,14 @@
  * the peer socket, subject to the pod's flags: by default (MCNI_F_SPLICE) only the sidecar proxy's own ends of
  * proxy <-> proxy connections, because inserting a socket swaps its recvmsg for tcp_bpf_recvmsg, which a
  * blocking application may not survive (see "Splicing" in docs/architecture.md); the app's sockets too only
- * with MCNI_F_SPLICE_APP. The proxy's outgoing sockets are recognised here at TCP_CONNECT_CB, its accepted
- * ones by sk_lookup; both are recorded in mcni_proxy_ends_v1 until ESTABLISHED.
+ * with MCNI_F_SPLICE_APP. The proxy's outgoing sockets are recognised here at TCP_CONNECT_CB and carry the
+ * mark on themselves (the state-callback flag, below) until ESTABLISHED; its accepted ones are recognised by
+ * sk_lookup, which has no socket to mark yet and records them in mcni_proxy_ends_v1 instead.
+ *
+ * BPF_SOCK_OPS_STATE_CB_FLAG is set on two kinds of connecting socket, told apart by their tuple: a captured
+ * app socket (always loopback: connect4 sent it to 127.0.0.1), so that a failed connect takes its record
+ * along, and the proxy's own socket to another pod's IP (never loopback), as its proxy-end mark. Both drop
+ * the flag at ESTABLISHED, so each costs one state callback (SYN_SENT to ESTABLISHED) and no map entry.
  *
  * At TCP_LISTEN_CB (inside listen(2)) a socket the pod's proxy starts listening on the inbound capture port
  * goes straight into the pod's slot of mcni_listeners_v1: inbound capture starts the moment the sidecar can
@@ -65,7 +71,8 @@ static __always_inline void mcni_move_origdst(struct bpf_sock_ops *skops, __u64 
 	mcni_sock_origdst_v1.delete(&cookie);
 }
 
-/* TCP_CONNECT_CB runs from connect() itself, so the current task is the one that owns the socket. */
+/* TCP_CONNECT_CB runs from connect() itself, so the current task is the one that owns the socket: the one place
+ * a proxy's outgoing socket can be told from an app's. */
 static __always_inline void mcni_connecting(struct bpf_sock_ops *skops, const struct mcni_pod *pod, __u64 netns)
 {
 	struct mcni_tuple t = {};
@@ -73,7 +80,9 @@ static __always_inline void mcni_connecting(struct bpf_sock_ops *skops, const st
 		if (pod->flags & MCNI_F_SPLICE) {
 			mcni_sockops_tuple(skops, &t, netns);
 			if (mcni_proxy_pair_candidate(&t))
-				mcni_mark_proxy_end(pod->slot, &t);
+				/* the proxy-end mark (see the top of this file); a map record would cost an LRU insert,
+				 * a lookup and a delete per connection */
+				bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		}
 		return;
 	}
@@ -112,21 +121,24 @@ static __always_inline void mcni_established(struct bpf_sock_ops *skops, const s
 	struct mcni_tuple t = {};
 	mcni_sockops_tuple(skops, &t, netns);
 
-	if (passive)
-		mcni_claim_origdst(skops, pod, &t);
-	else if (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG)
-		/* a captured app socket is connected: its record is the proxy's now, stop watching its states */
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
-
-	/* whatever happens below, the record of a proxy end is consumed here */
+	/* whatever happens below, a proxy end's mark is consumed here */
 	int proxy_end = 0;
-	if (!t.netns && mcni_proxy_ends_v1.lookup(&t)) {
-		proxy_end = 1;
-		mcni_proxy_ends_v1.delete(&t);
+	if (passive) {
+		mcni_claim_origdst(skops, pod, &t);
+		if (!t.netns && mcni_proxy_ends_v1.lookup(&t)) {
+			proxy_end = 1;
+			mcni_proxy_ends_v1.delete(&t);
+		}
+	} else if (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG) {
+		/* a captured app socket (loopback) is connected and its record is the proxy's now, or the proxy's
+		 * own socket to a pod IP has its mark read: either way, stop watching its states */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
+		proxy_end = !t.netns;
 	}
-	if (!(pod->flags & MCNI_F_SPLICE) || !mcni_splice_candidate(&t))
+	if (!(pod->flags & MCNI_F_SPLICE))
 		return;
-	if (!proxy_end && !(pod->flags & MCNI_F_SPLICE_APP))
+	/* a proxy end's peer was checked to be a pod here when it was marked */
+	if (!proxy_end && (!(pod->flags & MCNI_F_SPLICE_APP) || !mcni_splice_candidate(&t)))
 		return; /* an app's socket (or the proxy's end facing its app): not without the pod's opt-in */
 	/* (bcc rewrites map methods only as whole statements, hence the temporary) */
 	long rc = mcni_socks_v1.sock_hash_update(skops, &t, BPF_ANY);
@@ -151,15 +163,16 @@ static __always_inline void mcni_listening(struct bpf_sock_ops *skops, const str
 		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
 }
 
-/* A captured app socket (the only kind we ask state callbacks for, until it is established) is closing: if its
- * connect failed (still in SYN_SENT) no proxy end can exist, so its record goes. */
+/* A socket we watch until it is established is closing. If it is a captured app socket whose connect failed (still
+ * in SYN_SENT), no proxy end can exist, so its record goes; a proxy's own socket (not loopback) has none. */
 static __always_inline void mcni_closed(struct bpf_sock_ops *skops, __u64 netns)
 {
 	if (skops->args[0] != BPF_TCP_SYN_SENT)
 		return;
 	struct mcni_tuple t = {};
 	mcni_sockops_tuple(skops, &t, netns);
-	mcni_pair_origdst_v1.delete(&t);
+	if (t.netns)
+		mcni_pair_origdst_v1.delete(&t);
 }
 
 int mcni_sockops(struct bpf_sock_ops *skops)

@@ -234,11 +234,11 @@ struct mcni_socks_v1_table_t {
 };
 __attribute__((section("maps/sockhash:" MCNI_PIN(mcni_socks_v1))))
 struct mcni_socks_v1_table_t mcni_socks_v1 = { .max_entries = MCNI_MAX_CONNS };
-/* tuple of a socket that is a sidecar proxy's end of a connection to another pod on this node, recorded before
- * it is established: by sockops at TCP_CONNECT_CB (process context, so the connecting task's uid is the
- * socket owner's) for the proxy's outgoing sockets, and by sk_lookup for connections it steers to the proxy's
- * inbound listener. Read and deleted at ESTABLISHED, where the owner can no longer be told (that callback may
- * run in softirq); LRU bounds what handshakes that never complete leave behind. */
+/* tuple of a sidecar proxy's accepted socket of a connection from another pod on this node, recorded by sk_lookup
+ * when it steers the SYN to the proxy's inbound listener (the socket does not exist yet, so it cannot carry the
+ * mark itself as the proxy's outgoing sockets do: see sockops.c). Read and deleted at PASSIVE_ESTABLISHED, where
+ * the owner can no longer be told (that callback runs in softirq); LRU bounds what handshakes that never
+ * complete leave behind. */
 BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, __u8, mcni_proxy_ends_v1, MCNI_MAX_CONNS,
                  MCNI_PIN(mcni_proxy_ends_v1));
 /* a spliceable socket that sent data the normal way once (its peer was not in mcni_socks_v1 yet): it must never

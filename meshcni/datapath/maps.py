@@ -47,7 +47,7 @@ SPECS = (
     MapSpec("mcni_accepted_origdst_v1", None, None,
             "socket storage: the proxy's accepted socket's original destination (SO_ORIGINAL_DST)"),
     MapSpec("mcni_socks_v1", L.Tuple, None, "SOCKHASH: established local sockets that sk_msg splices"),
-    MapSpec("mcni_proxy_ends_v1", L.Tuple, L.U8, "steered connections whose connector is a proxy on this node"),
+    MapSpec("mcni_proxy_ends_v1", L.Tuple, L.U8, "steered connections from another pod on this node, until accepted"),
     MapSpec("mcni_stays_on_tcp_v1", None, None, "socket storage: sockets never to splice"),
     MapSpec("mcni_listeners_v1", L.U32, L.U64, "SOCKMAP: slot * 2 + (1 for IPv6) -> the proxy's inbound listener"),
     MapSpec("mcni_counters_v1", L.U32, None, "slot -> per-CPU counters"),

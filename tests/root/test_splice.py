@@ -80,6 +80,7 @@ if __name__ == "__main__":
 
 from meshcni.config import ANN_SPLICE_APP, PodConfig  # noqa: E402
 from meshcni.datapath import layout as L  # noqa: E402
+from meshcni.datapath import maps  # noqa: E402
 from meshcni.datapath.ebpf import netns_cookie  # noqa: E402
 from meshcni.lab import haproxy, traffic  # noqa: E402
 from meshcni.lab import lab as lab_core  # noqa: E402
@@ -282,3 +283,14 @@ def test_sockhash_is_empty_once_the_lab_is_idle(lab):
     """Every spliced socket leaves the map when it closes: nothing accumulates across the runs above."""
     _, dp = lab
     assert _wait_sockhash(dp, 0) == 0
+
+
+def test_no_proxy_end_mark_outlives_its_handshake(lab):
+    """The proxies' ends are marked before they are established and the mark is consumed then: the outgoing
+    end's on the socket itself, the accepted end's in mcni_proxy_ends_v1, which therefore ends up empty."""
+    state, dp = lab
+    a, b = state.pods
+    before = dp.counters(_net(a))
+    assert _echo_runs(state, a, b) == []
+    assert dp.counters(_net(a))["msgs_spliced"] > before["msgs_spliced"], "nothing was spliced: the test proved nothing"
+    assert maps.entries(dp.pin_dir, "mcni_proxy_ends_v1") == ([], False)
