@@ -216,12 +216,31 @@ class Agent:
 
         self.datapath = EbpfDatapath.open(self.opts.pin_dir)
         self.datapath.splice = plan.splice
+        self._warn_of_programs_ahead()
         if plan.outbound is Mode.EBPF and plan.inbound is Mode.EBPF:
             interceptors[Mode.EBPF] = self.datapath
         else:
             interceptors[Mode.EBPF] = HybridInterceptor(self.datapath, iptables, plan)
             log.warning("degraded capture: outbound by %s, inbound by %s", plan.outbound.value, plan.inbound.value)
         return interceptors
+
+    def _warn_of_programs_ahead(self) -> None:
+        """Another BPF user's connect program that runs before ours decides what the pods' proxies are told as
+        the original destination (a socket load balancer's backend instead of the service): say so at start."""
+        from meshcni.datapath import hooks
+        from meshcni.sys import cgroup as cgroups
+        from meshcni.sys.errors import SysError
+
+        cgroup = self.opts.cgroup or str(cgroups.unified_root())
+        try:
+            ahead = hooks.ahead_of_meshcni(hooks.on_cgroup(cgroup, self.opts.pin_dir))
+        except SysError as exc:
+            log.warning("cannot list the programs on meshcni's hooks of %s: %s", cgroup, exc)
+            return
+        for hook, programs in ahead.items():
+            log.warning("%s: %s run(s) before meshcni's program for sockets of %s; a destination rewritten there "
+                        "is what meshcni captures (`meshcni doctor --cgroup` lists the order)", hook,
+                        ", ".join(f"{p.name} (id {p.prog_id})" for p in programs), cgroup)
 
     def _policy_source(self):
         opts = self.opts

@@ -1,7 +1,10 @@
 """`meshcni doctor`: probe this node's kernel for every feature meshcni uses and print the capture plan.
 
 The command gathers one dict (features, plan, verdict) and renders it as a table with a remedy under each
-failure, or as JSON with `-o json`. The exit code is the verdict, for scripts and readiness checks:
+failure, or as JSON with `-o json`. It also lists every program on the cgroup hooks meshcni uses, in the
+order the kernel runs them for sockets of `--cgroup`, meshcni's own marked (`meshcni.datapath.hooks`): another
+BPF user's connect program that runs first decides what meshcni captures. That list informs; it never changes
+the verdict. The exit code is the verdict, for scripts and readiness checks:
 0 = full eBPF capture, 1 = degraded (some direction falls back to iptables, or no splicing), 2 = nothing can
 capture, 3 = the doctor itself could not run (an unknown feature to mask). In JSON mode even that error is a
 JSON object on stdout; in table mode it is one line on stderr.
@@ -15,17 +18,34 @@ import sys
 import click
 
 from meshcni import preflight
+from meshcni.datapath import hooks
+from meshcni.datapath.ebpf import DEFAULT_PIN_DIR
 from meshcni.preflight.features import FEATURE_IDS
+from meshcni.sys import cgroup as cgroups
+from meshcni.sys.errors import SysError
 
 EXIT_USAGE = 3
 VERDICTS = {0: "full eBPF capture", 1: "degraded", 2: "nothing can capture"}
 
 
-def gather(masked: tuple[str, ...]) -> dict:
+def gather(masked: tuple[str, ...], cgroup: str | None = None, pin_dir: str = DEFAULT_PIN_DIR) -> dict:
     report = preflight.probe(masked)
     plan = preflight.plan(report)
-    return {**report.to_dict(), "plan": plan.to_dict(), "exit_code": plan.exit_code,
-            "verdict": VERDICTS[plan.exit_code]}
+    return {**report.to_dict(), "plan": plan.to_dict(), "hooks": hook_programs(cgroup, pin_dir),
+            "exit_code": plan.exit_code, "verdict": VERDICTS[plan.exit_code]}
+
+
+def hook_programs(cgroup: str | None, pin_dir: str) -> dict:
+    """The programs on meshcni's cgroup hooks for sockets of `cgroup` (the hierarchy's root by default, where
+    the agent attaches), or why they could not be listed (no cgroup v2, no BPF)."""
+    try:
+        path = str(cgroup or cgroups.unified_root())
+        programs = hooks.on_cgroup(path, pin_dir)
+    except SysError as exc:
+        return {"cgroup": cgroup, "pin_dir": pin_dir, "programs": [], "ahead_of_meshcni": {}, "error": str(exc)}
+    ahead = hooks.ahead_of_meshcni(programs)
+    return {"cgroup": path, "pin_dir": pin_dir, "programs": [p.to_dict() for p in programs],
+            "ahead_of_meshcni": {hook: [p.prog_id for p in progs] for hook, progs in ahead.items()}}
 
 
 def render_table(data: dict) -> str:
@@ -40,8 +60,25 @@ def render_table(data: dict) -> str:
     lines += ["", f"plan: outbound {p['outbound']}, inbound {p['inbound']}, "
                   f"splice {'available' if p['splice'] else 'unavailable'}"]
     lines += [f"  degraded: {reason}" for reason in p["degraded"]]
+    lines += ["", *render_hooks(data["hooks"])]
     lines.append(f"verdict: {data['verdict']} (exit {data['exit_code']})")
     return "\n".join(lines)
+
+
+def render_hooks(h: dict) -> list[str]:
+    if h.get("error"):
+        return [f"programs on meshcni's cgroup hooks: not listed ({h['error']})"]
+    lines = [f"programs on meshcni's cgroup hooks for {h['cgroup']}, in run order:"]
+    for hook in hooks.CGROUP_HOOKS:
+        progs = [p for p in h["programs"] if p["hook"] == hook.name]
+        shown = ", ".join(f"{p['position']}. {p['name']} (id {p['prog_id']}{', meshcni' if p['ours'] else ''})"
+                          for p in progs) or "none"
+        lines.append(f"  {hook.name:<10}  {shown}")
+    for hook, ids in h["ahead_of_meshcni"].items():
+        lines.append(f"  note: {len(ids)} other program(s) run before meshcni's {hook}: a destination they rewrite "
+                     "(a socket load balancer's service address to a backend) is what meshcni captures and the "
+                     "proxy is told")
+    return lines
 
 
 @click.command("doctor")
@@ -49,10 +86,16 @@ def render_table(data: dict) -> str:
 @click.option("--mask", "masks", multiple=True, metavar="FEATURE",
               help="Treat FEATURE as missing without probing it (repeatable or comma-separated; also "
                    f"${preflight.MASK_ENV}). Features: {', '.join(FEATURE_IDS)}.")
-def doctor(output: str, masks: tuple[str, ...]) -> None:
-    """Probe the kernel (BPF, cgroup v2, sockops, sk_msg, sk_lookup, BTF, bcc, iptables) and print the plan."""
+@click.option("--cgroup", default=None, metavar="DIR",
+              help="List the hook programs sockets of this cgroup v2 directory run (a pod's, say) "
+                   "[the hierarchy's root, where the agent attaches].")
+@click.option("--pin-dir", default=DEFAULT_PIN_DIR, show_default=True,
+              help="The agent's bpffs directory, to tell meshcni's programs from others.")
+def doctor(output: str, masks: tuple[str, ...], cgroup: str | None, pin_dir: str) -> None:
+    """Probe the kernel (BPF, cgroup v2, sockops, sk_msg, sk_lookup, BTF, bcc, iptables), print the plan and
+    the programs on meshcni's cgroup hooks."""
     try:
-        data = gather(masks)
+        data = gather(masks, cgroup, pin_dir)
     except preflight.PreflightError as exc:
         if output == "json":
             click.echo(json.dumps({"error": str(exc), "exit_code": EXIT_USAGE}))

@@ -94,6 +94,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_lookup_batch": [c_int, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_uint32), vp],
         "bpf_obj_get_info_by_fd": [c_int, vp, ctypes.POINTER(ctypes.c_uint32)],
         "bpf_prog_get_fd_by_id": [c_uint],
+        "bpf_prog_query": [c_int, c_uint, ctypes.c_uint32, vp, vp, ctypes.POINTER(ctypes.c_uint32)],
         # the preflight's tiny probe programs and maps (meshcni/preflight/rawbpf.py)
         "bpf_prog_load": [c_int, ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, vp],
         "bpf_map_create": [c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, vp],
@@ -157,6 +158,20 @@ def link_prog_id(fd: int) -> int:
 
 def prog_fd_by_id(prog_id: int) -> int:
     return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+BPF_F_QUERY_EFFECTIVE = 1 << 0
+_QUERY_MAX = 64  # the kernel's limit of programs per cgroup hook (BPF_CGROUP_MAX_PROGS)
+
+
+def prog_query(target_fd: int, attach_type: int, what: str, effective: bool = True) -> list[int]:
+    """Ids of the programs attached at a hook of a cgroup (or netns) fd. With `effective`, those of its ancestors
+    too, in the order the kernel runs them (the cgroup's own first, then each parent's, in attach order)."""
+    ids = (ctypes.c_uint32 * _QUERY_MAX)()
+    count = ctypes.c_uint32(_QUERY_MAX)
+    flags = BPF_F_QUERY_EFFECTIVE if effective else 0
+    _check(_lib().bpf_prog_query(target_fd, attach_type, flags, None, ids, ctypes.byref(count)), f"query {what}")
+    return list(ids[: count.value])
 
 
 def map_info(fd: int) -> _MapInfo:

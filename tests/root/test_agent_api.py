@@ -375,3 +375,34 @@ def test_a_masked_kernel_feature_degrades_to_a_hybrid_capture(tmp_path):
         assert "ISTIO" not in rules
     finally:
         e.close()
+
+
+def test_the_agent_warns_of_another_connect_program_that_runs_before_its_own(tmp_path):
+    """Another BPF user attached to the agent's cgroup first: the agent still loads and serves, and its log names
+    the program that decides what meshcni captures (the order `meshcni doctor` lists)."""
+    import os
+    import uuid
+
+    from meshcni.preflight import rawbpf
+    from meshcni.sys import bpf
+    from meshcni.sys import cgroup as cgroups
+
+    e = AgentEnv(tmp_path, uuid.uuid4().hex[:6])
+    prog = link = cg_fd = None
+    try:
+        cg_fd = cgroups.open_dir(e.cgroup)
+        prog = rawbpf.prog_load(bpf.PROG_CGROUP_SOCK_ADDR, rawbpf.returning(1), bpf.ATTACH_CGROUP_INET4_CONNECT,
+                                name="other_sock_lb")
+        link = bpf.link_create(prog, cg_fd, bpf.ATTACH_CGROUP_INET4_CONNECT, "another user's connect4 program")
+        e.start()
+        with e.client() as c:
+            assert c.status()["datapath_loaded"] is True
+        log = e.log.read_text()
+        assert f"connect4: other_sock_lb (id {bpf.prog_info(prog).id}) run(s) before meshcni's program" in log
+        assert "connect6:" not in log and "sockops:" not in log
+    finally:
+        e.stop()
+        for fd in (link, prog, cg_fd):
+            if fd is not None:
+                os.close(fd)
+        e.close()

@@ -547,3 +547,111 @@ def _wait_until(ready, what: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(what)
         time.sleep(0.05)
+
+
+# --- neighbours: other BPF users on the same cgroup hooks ---------------------------------------------------
+
+
+def _socket_lb(service: str, backend: str) -> int:
+    """A stand-in for another CNI's socket load balancer (Cilium's socket LB does this at connect()): a
+    cgroup/connect4 program, not meshcni's, that turns `service` into `backend` and allows every connect."""
+    from meshcni.preflight import rawbpf
+
+    def u32(ip: str) -> int:  # user_ip4 as a little-endian load sees it, as the s32 an instruction carries
+        v = int.from_bytes(ipaddress.ip_address(ip).packed, "little")
+        return v - (1 << 32) if v >= 1 << 31 else v
+
+    user_ip4 = 4  # offsetof(struct bpf_sock_addr, user_ip4)
+    insns = (rawbpf._insn(0x61, dst=2, src=1, off=user_ip4)            # w2 = ctx->user_ip4
+             + rawbpf._insn(0x56, dst=2, off=2, imm=u32(service))     # if w2 != service: skip the rewrite
+             + rawbpf._insn(0xB4, dst=3, imm=u32(backend))            # w3 = backend
+             + rawbpf._insn(0x63, dst=1, src=3, off=user_ip4)         # ctx->user_ip4 = w3
+             + rawbpf.mov_r0(1) + rawbpf.exit_())
+    return rawbpf.prog_load(bpf.PROG_CGROUP_SOCK_ADDR, insns, bpf.ATTACH_CGROUP_INET4_CONNECT, name="other_sock_lb")
+
+
+def _bpftool_effective(cg: Path) -> list[tuple[str, int]]:
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cg), "effective"], check=True,
+                         capture_output=True, text=True).stdout
+    return [(p["attach_type"], p["id"]) for p in json.loads(out or "[]")]
+
+
+def test_another_programs_connect_rewrite_ahead_of_meshcni_is_what_gets_captured_and_listed(node, pods):
+    from meshcni.cli import doctor
+    from meshcni.datapath import hooks
+
+    service = "10.96.0.10"  # a cluster service address, unroutable in the pods
+    lb_cgroup = cgroup.ensure(node["cgroup"] / "socket-lb")  # its own programs run before its parent's
+    prog = link = cg_fd = None
+    try:
+        prog = _socket_lb(service, pods.ip["b"])
+        cg_fd = cgroup.open_dir(lb_cgroup)
+        link = bpf.link_create(prog, cg_fd, bpf.ATTACH_CGROUP_INET4_CONNECT, "the stand-in socket LB")
+        lb_id = bpf.prog_info(prog).id
+        pods.sidecar("a", forward=False)
+        pods.app("b")
+        node["dp"].capture(pods.podnet("a"))
+
+        listed = hooks.on_cgroup(lb_cgroup, node["pin_dir"])
+        connect4 = [(p.position, p.prog_id, p.ours) for p in listed if p.hook == "connect4"]
+        assert connect4[0] == (1, lb_id, False) and [ours for _, _, ours in connect4[1:]] == [True]
+        assert all(p.ours for p in listed if p.hook != "connect4") and len(listed) == 5
+        assert hooks.ahead_of_meshcni(listed) == {"connect4": [listed[0]]}
+        # the kernel's own account (bpftool) of what runs, in the same order
+        assert [(h, i) for h, i in _bpftool_effective(lb_cgroup) if h == "cgroup_inet4_connect"] == \
+            [("cgroup_inet4_connect", pid) for _, pid, _ in connect4]
+        seen = doctor.hook_programs(str(lb_cgroup), str(node["pin_dir"]))
+        assert seen["ahead_of_meshcni"] == {"connect4": [lb_id]} and "error" not in seen
+        assert "run before meshcni's connect4" in "\n".join(doctor.render_hooks(seen))
+
+        # a process of the LB's cgroup: the LB rewrites first, meshcni captures the backend
+        done = proc.run([sys.executable, CLIENT, service, "8080", "100"], netns=pods.path("a"), cgroup=lb_cgroup,
+                        uid=APP_UID, gid=APP_UID)
+        got = json.loads(done.stdout)
+        assert got["server"]["server"] == "outbound" and got["intact"], got
+        assert got["server"]["original_dst"] == {"ip": pods.ip["b"], "port": 8080}
+        # a process outside it: nothing rewrites the service address, meshcni captures it as dialled
+        got = pods.connect("a", service, 8080, size=100)
+        assert got["server"]["server"] == "outbound"
+        assert got["server"]["original_dst"] == {"ip": service, "port": 8080}
+        assert node["dp"].counters(pods.podnet("a"))["outbound_captured"] == 2
+    finally:
+        if link is not None:
+            os.close(link)  # an unpinned link detaches with its last fd
+        for fd in (prog, cg_fd):
+            if fd is not None:
+                os.close(fd)
+        cgroup.remove(lb_cgroup)
+    assert not lb_cgroup.exists()
+
+
+def test_an_unload_detaches_only_meshcnis_programs(tmp_path):
+    from meshcni.datapath import hooks
+    from meshcni.preflight import rawbpf
+
+    tag = uuid.uuid4().hex[:8]
+    cg = cgroup.ensure(cgroup.unified_root() / f"meshcni-test-{tag}")
+    pin_dir = Path(f"/sys/fs/bpf/meshcni-test-{tag}")
+    other = link = cg_fd = dp = None
+    try:
+        cg_fd = cgroup.open_dir(cg)
+        other = rawbpf.prog_load(bpf.PROG_CGROUP_SOCK_ADDR, rawbpf.returning(1), bpf.ATTACH_CGROUP_INET4_CONNECT,
+                                 name="other_first")
+        link = bpf.link_create(other, cg_fd, bpf.ATTACH_CGROUP_INET4_CONNECT, "another user's program")
+        other_id = bpf.prog_info(other).id
+        dp = EbpfDatapath.load(pin_dir, cgroup=cg)
+        listed = [(p.hook, p.prog_id, p.ours) for p in hooks.on_cgroup(cg, pin_dir)]
+        # one cgroup's programs run in attach order: the other user's first, as on a node where it came first
+        assert listed[0] == ("connect4", other_id, False)
+        assert sum(1 for _, _, ours in listed if ours) == 4
+        dp.unload()
+        dp = None
+        assert [(p.hook, p.prog_id, p.ours) for p in hooks.on_cgroup(cg, pin_dir)] == [("connect4", other_id, False)]
+    finally:
+        if dp is not None:
+            dp.unload()
+        for fd in (link, other, cg_fd):
+            if fd is not None:
+                os.close(fd)
+        cgroup.remove(cg)
+    assert not pin_dir.exists() and not cg.exists()

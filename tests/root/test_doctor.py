@@ -93,3 +93,15 @@ def test_unknown_mask_is_a_json_error():
     result = CliRunner().invoke(main, ["doctor", "-o", "json", "--mask", "sk-lookup"], env={preflight.MASK_ENV: ""})
     assert result.exit_code == 3
     assert "sk-lookup" in json.loads(result.output)["error"]
+
+
+def test_doctor_lists_the_hook_programs_and_a_cgroup_it_cannot_read_does_not_change_the_verdict(no_leftovers):
+    missing = str(cgroups.unified_root() / "meshcni-no-such-cgroup")
+    result = CliRunner().invoke(main, ["doctor", "-o", "json", "--cgroup", missing], env={preflight.MASK_ENV: ""})
+    assert result.exit_code == 0, result.output
+    hooks = json.loads(result.output)["hooks"]
+    assert hooks["programs"] == [] and "cannot open cgroup" in hooks["error"]
+
+    result = CliRunner().invoke(main, ["doctor", "--cgroup", missing], env={preflight.MASK_ENV: ""})
+    assert result.exit_code == 0
+    assert "programs on meshcni's cgroup hooks: not listed (cannot open cgroup" in result.output
