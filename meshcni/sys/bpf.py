@@ -37,6 +37,9 @@ BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
 
+BPF_F_QUERY_EFFECTIVE = 1 << 0
+_QUERY_MAX = 64  # the kernel's limit of programs per cgroup hook (BPF_CGROUP_MAX_PROGS)
+
 
 class _ProgInfo(ctypes.Structure):
     # the head of struct bpf_prog_info; the kernel fills only what fits in the size we pass
@@ -158,10 +161,6 @@ def link_prog_id(fd: int) -> int:
 
 def prog_fd_by_id(prog_id: int) -> int:
     return _check(_lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
-
-
-BPF_F_QUERY_EFFECTIVE = 1 << 0
-_QUERY_MAX = 64  # the kernel's limit of programs per cgroup hook (BPF_CGROUP_MAX_PROGS)
 
 
 def prog_query(target_fd: int, attach_type: int, what: str, effective: bool = True) -> list[int]:
