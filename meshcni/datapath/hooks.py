@@ -1,4 +1,4 @@
-"""Every program on the cgroup hooks meshcni uses, in the order the kernel runs them, meshcni's own marked.
+"""Every program on the hooks meshcni uses, in the order the kernel runs them, meshcni's own marked.
 
 Other BPF users attach to the same hooks: a CNI's socket load balancer rewrites connect() as well (Cilium's
 socket LB translates a service address to a backend there). Programs attached by bpf_link coexist, and the
@@ -7,8 +7,11 @@ its ancestors, and one cgroup's programs in the order they were attached. So a d
 rewrites before meshcni's connect4 runs is the destination meshcni captures and the proxy is told; one it
 rewrites after is applied to the proxy's loopback address. When capture surprises you, the order is the first
 thing to look at. BPF_PROG_QUERY with BPF_F_QUERY_EFFECTIVE answers exactly the array the kernel runs for a
-cgroup, so asking from a pod's own cgroup shows what that pod's sockets go through. meshcni's programs are the
-ones behind the bpf_links pinned in its pin directory; it never detaches anything else.
+cgroup, so asking from a pod's own cgroup shows what that pod's sockets go through. A pod's network namespace
+has its own sk_lookup programs, also run in attach order; there the first program to assign a socket wins (a
+later bpf_sk_assign fails without BPF_SK_LOOKUP_F_REPLACE), so another one ahead of meshcni's can take the
+pod's inbound SYNs before meshcni steers them. meshcni's programs are the ones behind the bpf_links pinned in
+its pin directory; it never detaches anything else.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from pathlib import Path
 from meshcni.datapath import loader
 from meshcni.sys import bpf
 from meshcni.sys import cgroup as cgroups
-from meshcni.sys.errors import BpfError
+from meshcni.sys.errors import BpfError, NamespaceNotFound
 
-# the hooks that run in the pod's task context, where a neighbour can change what meshcni sees
+# the hooks attached to a cgroup (the hierarchy's root in production), where a neighbour can change what meshcni sees
 CGROUP_HOOKS = tuple(h for h in loader.HOOKS if h.target == "cgroup")
-# hooks whose earlier neighbours decide what meshcni captures
-REWRITING_HOOKS = ("connect4", "connect6")
+SK_LOOKUP = next(h for h in loader.HOOKS if h.name == "sk_lookup")
+# hooks whose earlier neighbours decide what meshcni captures: a rewritten destination, an assigned socket
+DECIDING_HOOKS = ("connect4", "connect6", "sk_lookup")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class HookProgram:
 
 
 def our_program_ids(pin_dir: str | os.PathLike) -> set[int]:
-    """Ids of the programs behind meshcni's pinned cgroup links (empty when no datapath is pinned there)."""
+    """Ids of the programs behind meshcni's pinned cgroup links, and of its pinned sk_lookup program, which every
+    pod's netns link runs (empty when no datapath is pinned there)."""
     pins = loader.Pins(Path(pin_dir))
     ids = set()
     for hook in CGROUP_HOOKS:
@@ -53,6 +58,14 @@ def our_program_ids(pin_dir: str | os.PathLike) -> set[int]:
             ids.add(bpf.link_prog_id(fd))
         finally:
             os.close(fd)
+    try:
+        fd = bpf.obj_get(str(pins.prog(SK_LOOKUP.name)))
+    except BpfError:
+        return ids
+    try:
+        ids.add(bpf.prog_info(fd).id)
+    finally:
+        os.close(fd)
     return ids
 
 
@@ -81,10 +94,26 @@ def on_cgroup(cgroup: str | os.PathLike, pin_dir: str | os.PathLike) -> list[Hoo
         os.close(fd)
 
 
+def on_netns(netns: str | os.PathLike, pin_dir: str | os.PathLike) -> list[HookProgram]:
+    """The sk_lookup programs of a network namespace (a pod's), in run order."""
+    ours = our_program_ids(pin_dir)
+    try:
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NamespaceNotFound(f"cannot open network namespace {netns}: {exc.strerror}") from exc
+    try:
+        # a netns has no ancestors to inherit from; the kernel refuses the "effective" flag there
+        ids = bpf.prog_query(fd, SK_LOOKUP.attach_type, f"sk_lookup programs of {netns}", effective=False)
+        return [HookProgram(SK_LOOKUP.name, i, pid, _name(pid), pid in ours) for i, pid in enumerate(ids, 1)]
+    finally:
+        os.close(fd)
+
+
 def ahead_of_meshcni(programs: list[HookProgram]) -> dict[str, list[HookProgram]]:
-    """Per rewriting hook, the other programs that run before meshcni's (only where meshcni has one)."""
+    """Per hook that decides what meshcni captures, the other programs that run before meshcni's (only where
+    meshcni has one)."""
     ahead = {}
-    for hook in REWRITING_HOOKS:
+    for hook in DECIDING_HOOKS:
         on_hook = [p for p in programs if p.hook == hook]
         first_ours = next((p.position for p in on_hook if p.ours), None)
         if first_ours is not None:

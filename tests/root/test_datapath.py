@@ -655,3 +655,42 @@ def test_an_unload_detaches_only_meshcnis_programs(tmp_path):
                 os.close(fd)
         cgroup.remove(cg)
     assert not pin_dir.exists() and not cg.exists()
+
+
+def test_another_sk_lookup_program_ahead_of_meshcnis_in_a_pod_netns_is_listed_and_left_alone(node, pods):
+    """Another user's sk_lookup program attached to pod B's netns before B is enrolled runs first. One that
+    assigns nothing leaves the SYN to meshcni; the listing (and doctor) name it as running ahead, and B's release
+    detaches only meshcni's program."""
+    from meshcni.cli import doctor
+    from meshcni.datapath import hooks
+    from meshcni.preflight import rawbpf
+
+    prog = link = ns_fd = None
+    try:
+        prog = rawbpf.prog_load(bpf.PROG_SK_LOOKUP, rawbpf.returning(1), bpf.ATTACH_SK_LOOKUP, name="other_lookup")
+        ns_fd = os.open(pods.path("b"), os.O_RDONLY)
+        link = bpf.link_create(prog, ns_fd, bpf.ATTACH_SK_LOOKUP, "another user's sk_lookup program")
+        other_id = bpf.prog_info(prog).id
+        pods.sidecar("b", forward=False)
+        pods.app("b")
+        pod_b = pods.podnet("b")
+        node["dp"].capture(pod_b)
+
+        listed = hooks.on_netns(pods.path("b"), node["pin_dir"])
+        assert [(p.position, p.prog_id, p.ours) for p in listed][0] == (1, other_id, False)
+        assert [p.ours for p in listed[1:]] == [True]
+        assert hooks.ahead_of_meshcni(listed) == {"sk_lookup": [listed[0]]}
+        seen = doctor.netns_programs(pods.path("b"), str(node["pin_dir"]))
+        assert seen["ahead_of_meshcni"] == {"sk_lookup": [other_id]} and "error" not in seen
+        assert "run before meshcni's sk_lookup" in "\n".join(doctor.render_netns_hooks(seen))
+
+        got = pods.connect("a", pods.ip["b"], 8080)  # the other program assigned nothing: meshcni steers
+        assert got["server"]["server"] == "inbound"
+        assert node["dp"].counters(pod_b)["inbound_steered"] == 1
+
+        node["dp"].release(pod_b)
+        assert [(p.prog_id, p.ours) for p in hooks.on_netns(pods.path("b"), node["pin_dir"])] == [(other_id, False)]
+    finally:
+        for fd in (link, prog, ns_fd):
+            if fd is not None:
+                os.close(fd)

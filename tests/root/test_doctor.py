@@ -105,3 +105,11 @@ def test_doctor_lists_the_hook_programs_and_a_cgroup_it_cannot_read_does_not_cha
     result = CliRunner().invoke(main, ["doctor", "--cgroup", missing], env={preflight.MASK_ENV: ""})
     assert result.exit_code == 0
     assert "programs on meshcni's cgroup hooks: not listed (cannot open cgroup" in result.output
+
+
+def test_a_netns_doctor_cannot_open_is_reported_without_changing_the_verdict(no_leftovers):
+    result = CliRunner().invoke(main, ["doctor", "-o", "json", "--netns", "/var/run/netns/meshcni-no-such-netns"],
+                                env={preflight.MASK_ENV: ""})
+    assert result.exit_code == 0, result.output
+    (listed,) = json.loads(result.output)["netns_hooks"]
+    assert listed["programs"] == [] and "cannot open network namespace" in listed["error"]

@@ -17,3 +17,8 @@ def test_others_before_meshcni_on_a_connect_hook_are_named():
 def test_nothing_ahead_when_meshcni_runs_first_or_has_no_program_there():
     assert ahead_of_meshcni(_progs("connect4", "ours", "other") + _progs("connect6", "other", "other")) == {}
     assert ahead_of_meshcni([]) == {}
+
+
+def test_an_sk_lookup_program_ahead_of_meshcnis_is_named():
+    ahead = ahead_of_meshcni(_progs("sk_lookup", "other", "ours"))
+    assert [p.position for p in ahead["sk_lookup"]] == [1]
