@@ -47,6 +47,9 @@ class HookProgram:
 def our_program_ids(pin_dir: str | os.PathLike) -> set[int]:
     """Ids of the programs behind meshcni's pinned cgroup links, and of its pinned sk_lookup program, which every
     pod's netns link runs (empty when no datapath is pinned there)."""
+    # The cgroup links, not the pinned programs: a reload re-pins freshly loaded programs but leaves a link whose
+    # program has the same tag alone (loader.ensure_link), so the two ids differ after an idempotent load. The
+    # netns links are always moved to the pinned sk_lookup program (EbpfDatapath.load).
     pins = loader.Pins(Path(pin_dir))
     ids = set()
     for hook in CGROUP_HOOKS:
