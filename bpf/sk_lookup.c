@@ -13,6 +13,11 @@
  * sockops can tell the proxy's accepted socket from an app's when it becomes established: that is the passive
  * end of a proxy <-> proxy pair (the connector may be an app that bypassed capture, whose socket then is not
  * spliced and the pair stays on TCP).
+ *
+ * The program cannot see the segment's flags and runs for any TCP segment that finds no socket: a stray ACK or
+ * FIN of a connection already reset is steered (and counted) like a SYN, the listener answers it with a reset,
+ * and its record stays until the LRU evicts it or a connection with the same tuple consumes it (see
+ * "Splicing" in docs/architecture.md).
  */
 #include "meshcni.h"
 

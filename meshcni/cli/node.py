@@ -204,8 +204,9 @@ def render_event(e: dict) -> str:
 @_SOCKET
 def events(pod, count, duration, output, socket_path):
     """Live capture decisions of the eBPF datapath, for one pod or all: each outbound connect() captured or
-    bypassed (and why), each inbound SYN steered, bypassed or without a listener. `-o json` prints one JSON
-    object per line. Runs until Ctrl-C, --count or --duration; the kernel writes events only while watched."""
+    bypassed (and why), each inbound SYN (or stray segment that found no socket) steered, bypassed or without a
+    listener. `-o json` prints one JSON object per line. Runs until Ctrl-C, --count or --duration; the kernel
+    writes events only while watched."""
     seen = 0
     try:
         with AgentClient(socket_path) as client:

@@ -78,7 +78,7 @@ if __name__ == "__main__":
 
 # --- the tests -------------------------------------------------------------------------------------------------
 
-from meshcni.config import ANN_SPLICE_APP, PodConfig  # noqa: E402
+from meshcni.config import ANN_SPLICE_APP, PROXY_GID, PROXY_UID, PodConfig  # noqa: E402
 from meshcni.datapath import layout as L  # noqa: E402
 from meshcni.datapath import maps  # noqa: E402
 from meshcni.datapath.ebpf import netns_cookie  # noqa: E402
@@ -285,12 +285,64 @@ def test_sockhash_is_empty_once_the_lab_is_idle(lab):
     assert _wait_sockhash(dp, 0) == 0
 
 
-def test_no_proxy_end_mark_outlives_its_handshake(lab):
-    """The proxies' ends are marked before they are established and the mark is consumed then: the outgoing
-    end's on the socket itself, the accepted end's in mcni_proxy_ends_v1, which therefore ends up empty."""
+# A proxy's connection to another pod, one step at a time: bind, connect, echo five bytes.
+_STEPPED_CLIENT = r"""
+import socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+print(s.getsockname()[1], flush=True); sys.stdin.readline()
+s.connect((sys.argv[2], int(sys.argv[3])))
+print("connected", flush=True); sys.stdin.readline()
+s.sendall(b"held\n")
+got = b""
+while len(got) < 5 and (chunk := s.recv(5 - len(got))):
+    got += chunk
+print(got.decode().strip() or "eof", flush=True)
+s.close()
+"""
+
+
+def _iptables_in(pod, *rule: str) -> None:
+    """A filter rule change inside a lab pod's own netns (the host's tables are not touched)."""
+    done = proc.run(["iptables", "-w", *rule], netns=pod.netns)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def test_the_accepted_end_is_recorded_at_the_syn_and_the_record_consumed_when_established(lab):
+    """sk_lookup records the proxy's accepted end when it steers the SYN; sockops consumes the record when the
+    handshake completes. The handshake is held half-way (pod B drops A's non-SYN segments) to see the record
+    exist, then let through. Only the tuple of this connection is checked: sk_lookup also runs for a stray
+    segment of a connection already gone and leaves a record no handshake consumes (see bpf/sk_lookup.c)."""
     state, dp = lab
     a, b = state.pods
-    before = dp.counters(_net(a))
-    assert _echo_runs(state, a, b) == []
-    assert dp.counters(_net(a))["msgs_spliced"] > before["msgs_spliced"], "nothing was spliced: the test proved nothing"
-    assert maps.entries(dp.pin_dir, "mcni_proxy_ends_v1") == ([], False)
+    client = proc.spawn([sys.executable, "-c", _STEPPED_CLIENT, a.ip, b.ip, str(haproxy.ECHO_PORT)],
+                        netns=a.netns, cgroup=state.cgroup, uid=PROXY_UID, gid=PROXY_GID, cwd="/",
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    hold = ["INPUT", "-p", "tcp", "-s", a.ip, "-d", b.ip, "--dport", str(haproxy.ECHO_PORT), "!", "--syn",
+            "-j", "DROP"]
+
+    def step(say: bool = True) -> str:
+        if say:
+            client.stdin.write(b"go\n")
+            client.stdin.flush()
+        ready, _, _ = select.select([client.stdout], [], [], CLIENT_STEP_TIMEOUT)
+        line = client.stdout.readline() if ready else b""
+        assert line, f"the stepped client stopped answering: {client.stderr.read()[-800:]!r}"
+        return line.decode().strip()
+
+    def recorded() -> bool:
+        key = {"netns": 0, "local": b.ip, "remote": a.ip, "local_port": haproxy.ECHO_PORT, "remote_port": port}
+        return any(e["key"] == key for e in maps.entries(dp.pin_dir, "mcni_proxy_ends_v1")[0])
+
+    try:
+        port = int(step(say=False))
+        _iptables_in(b, "-I", *hold)
+        try:
+            assert step() == "connected"  # A has the SYN-ACK; B's end waits for an ACK it does not get
+            assert recorded(), "the steered SYN left no record of the proxy's accepted end"
+        finally:
+            _iptables_in(b, "-D", *hold)
+        assert step() == "held"  # the data completes B's handshake, and B's proxy relays it to the echo app
+        assert not recorded(), "the established end's record was not consumed"
+    finally:
+        proc.stop(client, grace=1)
