@@ -89,8 +89,8 @@ static __always_inline int mcni_splice_candidate(const struct mcni_tuple *t)
 
 /* Whether a tuple can be one end of a proxy <-> proxy connection on this node: between pod IPs (not loopback,
  * whose peer in the same netns is never steered to the proxy) and not the proxy's 127.0.0.6 / ::6 passthrough
- * to its own app. Such ends are what sockops marks (outgoing) and sk_lookup records in mcni_proxy_ends_v1
- * (accepted). */
+ * to its own app. Sockops takes the proxy's sockets with such tuples for proxy ends: the outgoing ones it
+ * marked at connect(), the accepted ones its listener's mark was cloned onto. */
 static __always_inline int mcni_proxy_pair_candidate(const struct mcni_tuple *t)
 {
 	if (t->netns || mcni_ip_is_passthrough(&t->local) || mcni_ip_is_passthrough(&t->remote))
@@ -98,9 +98,3 @@ static __always_inline int mcni_proxy_pair_candidate(const struct mcni_tuple *t)
 	return mcni_pod_ips_v1.lookup((struct mcni_ip *)&t->remote) != 0;
 }
 
-static __always_inline void mcni_mark_proxy_end(__u32 slot, struct mcni_tuple *t)
-{
-	__u8 one = 1;
-	if (mcni_proxy_ends_v1.update(t, &one) != 0)
-		mcni_count(slot, MCNI_CTR_ERRORS, 1);
-}

@@ -8,16 +8,11 @@
  * helper is not allowed for this program type as of 6.18), so the pod is found by its destination IP.
  * Sockets can be swapped in the map at any time: that is the lever for proxy hot upgrades.
  *
- * A steered connection from another pod on this node is recorded in mcni_proxy_ends_v1 under the tuple its
- * accepted socket will have (the local address is the original destination, not the listener's port), so that
- * sockops can tell the proxy's accepted socket from an app's when it becomes established: that is the passive
- * end of a proxy <-> proxy pair (the connector may be an app that bypassed capture, whose socket then is not
- * spliced and the pair stays on TCP).
- *
- * The program cannot see the segment's flags and runs for any TCP segment that finds no socket: a stray ACK or
- * FIN of a connection already reset is steered (and counted) like a SYN, the listener answers it with a reset,
- * and its record stays until the LRU evicts it or a connection with the same tuple consumes it (see
- * "Splicing" in docs/architecture.md).
+ * The proxy's accepted socket needs no record here to be told from an app's when it becomes established: it
+ * inherits the mark on the proxy's listener (mcni_proxy_listener_v1, see sockops.c). That matters, because
+ * this program cannot see the segment's flags and runs for any TCP segment that finds no socket: a stray ACK
+ * or FIN of a connection already reset is steered (and counted) like a SYN, and the listener answers it with a
+ * reset.
  */
 #include "meshcni.h"
 
@@ -76,12 +71,5 @@ int mcni_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 	mcni_count(pod->slot, MCNI_CTR_INBOUND_STEERED, 1);
 	mcni_event(pod->slot, MCNI_EV_INBOUND_STEERED, MCNI_WHY_NONE, family, &src, sport, &dst, port, 0);
-	if (pod->flags & MCNI_F_SPLICE) {
-		/* the accepted socket's tuple as sockops will see it; netns 0 since neither end is loopback */
-		struct mcni_tuple t = { .netns = 0, .local = dst, .remote = src, .local_port = port };
-		t.remote_port = sport;
-		if (mcni_proxy_pair_candidate(&t))
-			mcni_mark_proxy_end(pod->slot, &t);
-	}
 	return SK_PASS;
 }

@@ -11,8 +11,8 @@
  * proxy <-> proxy connections, because inserting a socket swaps its recvmsg for tcp_bpf_recvmsg, which a
  * blocking application may not survive (see "Splicing" in docs/architecture.md); the app's sockets too only
  * with MCNI_F_SPLICE_APP. The proxy's outgoing sockets are recognised here at TCP_CONNECT_CB and carry the
- * mark on themselves (the state-callback flag, below) until ESTABLISHED; its accepted ones are recognised by
- * sk_lookup, which has no socket to mark yet and records them in mcni_proxy_ends_v1 instead.
+ * mark on themselves (the state-callback flag, below) until ESTABLISHED; its accepted ones carry the mark the
+ * kernel clones onto them from the proxy's inbound listener (mcni_proxy_listener_v1).
  *
  * BPF_SOCK_OPS_STATE_CB_FLAG is set on two kinds of connecting socket, told apart by their tuple: a captured
  * app socket (always loopback: connect4 sent it to 127.0.0.1), so that a failed connect takes its record
@@ -20,9 +20,10 @@
  * the flag at ESTABLISHED, so each costs one state callback (SYN_SENT to ESTABLISHED) and no map entry.
  *
  * At TCP_LISTEN_CB (inside listen(2)) a socket the pod's proxy starts listening on the inbound capture port
- * goes straight into the pod's slot of mcni_listeners_v1: inbound capture starts the moment the sidecar can
- * accept, with no window in which SYNs to the pod bypass it and no agent polling for the listener. The
- * agent still looks for listeners that existed before the pod was enrolled.
+ * goes straight into the pod's slot of mcni_listeners_v1, and is marked as the proxy's listener: inbound
+ * capture starts the moment the sidecar can accept, with no window in which SYNs to the pod bypass it and no
+ * agent polling for the listener. The agent still looks for listeners that existed before the pod was
+ * enrolled, and marks those it registers (or holds for the proxy) itself.
  */
 #include "meshcni.h"
 
@@ -121,14 +122,14 @@ static __always_inline void mcni_established(struct bpf_sock_ops *skops, const s
 	struct mcni_tuple t = {};
 	mcni_sockops_tuple(skops, &t, netns);
 
-	/* whatever happens below, a proxy end's mark is consumed here */
 	int proxy_end = 0;
 	if (passive) {
 		mcni_claim_origdst(skops, pod, &t);
-		if (!t.netns && mcni_proxy_ends_v1.lookup(&t)) {
-			proxy_end = 1;
-			mcni_proxy_ends_v1.delete(&t);
-		}
+		/* accepted by the proxy's inbound listener (the mark was cloned from it) from another pod here;
+		 * nothing to consume: the mark goes with the socket */
+		struct bpf_sock *sk = skops->sk;
+		if (sk && (pod->flags & MCNI_F_SPLICE) && mcni_proxy_listener_v1.sk_storage_get(sk, 0, 0))
+			proxy_end = mcni_proxy_pair_candidate(&t);
 	} else if (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG) {
 		/* a captured app socket (loopback) is connected and its record is the proxy's now, or the proxy's
 		 * own socket to a pod IP has its mark read: either way, stop watching its states */
@@ -137,7 +138,7 @@ static __always_inline void mcni_established(struct bpf_sock_ops *skops, const s
 	}
 	if (!(pod->flags & MCNI_F_SPLICE))
 		return;
-	/* a proxy end's peer was checked to be a pod here when it was marked */
+	/* a proxy end's peer was checked to be a pod here: at connect() for an outgoing end, above for an accepted one */
 	if (!proxy_end && (!(pod->flags & MCNI_F_SPLICE_APP) || !mcni_splice_candidate(&t)))
 		return; /* an app's socket (or the proxy's end facing its app): not without the pod's opt-in */
 	/* (bcc rewrites map methods only as whole statements, hence the temporary) */
@@ -160,6 +161,10 @@ static __always_inline void mcni_listening(struct bpf_sock_ops *skops, const str
 	__u32 idx = pod->slot * 2 + (skops->family == AF_INET6 ? 1 : 0);
 	long rc = mcni_listeners_v1.sock_map_update(skops, &idx, BPF_ANY);
 	if (rc != 0)
+		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
+	/* marked before listen() returns, so every connection it accepts inherits the mark */
+	struct bpf_sock *sk = skops->sk;
+	if (sk && !mcni_proxy_listener_v1.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
 		mcni_count(pod->slot, MCNI_CTR_ERRORS, 1);
 }
 

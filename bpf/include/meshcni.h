@@ -205,8 +205,9 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct mcni_origdst, mcni_sock_origdst_v1, M
 BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, struct mcni_origdst, mcni_pair_origdst_v1, MCNI_MAX_CONNS,
                  MCNI_PIN(mcni_pair_origdst_v1));
 /* Socket-local storage, pinned: bcc's BPF_SK_STORAGE has no pinned form, so this declares what it would, with
- * the pin path in the section name as BPF_TABLE_PINNED does. The kernel frees an entry with its socket. */
-#define MCNI_SK_STORAGE_PINNED(_name, _leaf_type)                                              \
+ * the pin path in the section name as BPF_TABLE_PINNED does. The kernel frees an entry with its socket; with
+ * BPF_F_CLONE in _flags, a listener's entry is copied to every socket it accepts. */
+#define MCNI_SK_STORAGE_PINNED(_name, _leaf_type, _flags)                                      \
 	struct _name##_table_t {                                                               \
 		int key;                                                                       \
 		_leaf_type leaf;                                                               \
@@ -215,11 +216,11 @@ BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, struct mcni_origdst, mcni_pair_o
 		u32 flags;                                                                     \
 	};                                                                                     \
 	__attribute__((section("maps/sk_storage:" MCNI_PIN(_name))))                           \
-	struct _name##_table_t _name = { .flags = BPF_F_NO_PREALLOC };                        \
+	struct _name##_table_t _name = { .flags = BPF_F_NO_PREALLOC | (_flags) };              \
 	BPF_ANNOTATE_KV_PAIR(_name, int, _leaf_type)
 /* the proxy's accepted socket of a captured connection -> original destination, read by getsockopt; nothing
  * has to delete it. */
-MCNI_SK_STORAGE_PINNED(mcni_accepted_origdst_v1, struct mcni_origdst);
+MCNI_SK_STORAGE_PINNED(mcni_accepted_origdst_v1, struct mcni_origdst, 0);
 /* tuple -> established local socket, for sk_msg splicing; the kernel drops entries of closed sockets. */
 struct mcni_socks_v1_table_t {
 	struct mcni_tuple key;
@@ -234,18 +235,17 @@ struct mcni_socks_v1_table_t {
 };
 __attribute__((section("maps/sockhash:" MCNI_PIN(mcni_socks_v1))))
 struct mcni_socks_v1_table_t mcni_socks_v1 = { .max_entries = MCNI_MAX_CONNS };
-/* tuple of a sidecar proxy's accepted socket of a connection from another pod on this node, recorded by sk_lookup
- * when it steers the SYN to the proxy's inbound listener (the socket does not exist yet, so it cannot carry the
- * mark itself as the proxy's outgoing sockets do: see sockops.c). Read and deleted at PASSIVE_ESTABLISHED, where
- * the owner can no longer be told (that callback runs in softirq); LRU bounds what handshakes that never
- * complete leave behind. */
-BPF_TABLE_PINNED("lru_hash", struct mcni_tuple, __u8, mcni_proxy_ends_v1, MCNI_MAX_CONNS,
-                 MCNI_PIN(mcni_proxy_ends_v1));
+/* set on the proxy's inbound listener (by sockops when the proxy listens, by the agent when it registers one)
+ * and cloned by the kernel onto every socket that listener accepts: what tells the proxy's accepted end of a
+ * proxy <-> proxy pair from an app's at PASSIVE_ESTABLISHED, which runs in softirq with no owner to ask. The
+ * mark comes with the socket and goes with it, so nothing is recorded per connection and nothing is left
+ * behind by a handshake that never completes. */
+MCNI_SK_STORAGE_PINNED(mcni_proxy_listener_v1, __u8, BPF_F_CLONE);
 /* a spliceable socket that sent data the normal way once (its peer was not in mcni_socks_v1 yet): it must never
  * be spliced afterwards, or its peer would read spliced bytes ahead of bytes still queued in TCP (the peer's
  * receive path reads the sk_msg queue first). Socket-local, so the mark dies with the socket: no close has to
  * be watched, and a later connection that reuses the tuple starts unmarked. */
-MCNI_SK_STORAGE_PINNED(mcni_stays_on_tcp_v1, __u8);
+MCNI_SK_STORAGE_PINNED(mcni_stays_on_tcp_v1, __u8, 0);
 /* slot*2 + (IPv6 ? 1 : 0) -> the proxy's inbound listening socket, for sk_lookup; written by the agent and,
  * when the proxy calls listen(), by sockops. Spelled out like mcni_socks_v1 for the sock_map_update member. */
 struct mcni_listeners_v1_table_t {

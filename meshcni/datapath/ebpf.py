@@ -38,6 +38,7 @@ _MAPS = {
     "mcni_pair_origdst_v1": (L.Tuple, L.OrigDst),
     "mcni_socks_v1": (L.Tuple, L.U32),
     "mcni_listeners_v1": (L.U32, L.U64),
+    "mcni_proxy_listener_v1": (L.U32, L.U8),  # socket storage: user space keys it by a socket's fd
 }
 
 
@@ -270,12 +271,17 @@ class EbpfDatapath:
         return problems
 
     def register_listener(self, slot: int, pod: PodNet, listener_fds: dict[int, int] | None = None) -> int:
-        """Put the proxy's inbound listener(s) into the SOCKMAP; returns how many were registered."""
+        """Put the proxy's inbound listener(s) into the SOCKMAP; returns how many were registered.
+
+        Each is marked as the proxy's listener first (socket storage the kernel clones onto every socket it
+        accepts), so that none of its connections is taken for an app's and left unspliced.
+        """
         owned = listener_fds is None
         fds = listeners.take_listeners(pod.netns, pod.config.inbound_port) if owned else listener_fds
         try:
             for family, fd in fds.items():
                 idx = slot * 2 + (1 if family == socket.AF_INET6 else 0)
+                self.maps["mcni_proxy_listener_v1"].update(L.U32(fd), L.U8(1))
                 self.maps["mcni_listeners_v1"].update(L.U32(idx), L.U64(fd))
             return len(fds)
         finally:

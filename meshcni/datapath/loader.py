@@ -22,7 +22,10 @@ DEFAULT_MAX_PODS = 1024
 DEFAULT_MAX_CONNS = 65536
 # Maps an older meshcni pinned that no program uses any more; a load over its pin directory removes them once
 # every attachment runs the new programs (a map changes its name, not its type, when its kind changes).
-RETIRED_MAPS = ("mcni_nosplice_v1",)  # a tuple-keyed LRU hash, now the socket storage mcni_stays_on_tcp_v1
+RETIRED_MAPS = (
+    "mcni_nosplice_v1",  # a tuple-keyed LRU hash, now the socket storage mcni_stays_on_tcp_v1
+    "mcni_proxy_ends_v1",  # sk_lookup's tuple records of accepted proxy ends, now mcni_proxy_listener_v1
+)
 
 
 @dataclass(frozen=True)

@@ -388,6 +388,25 @@ def test_a_recapture_rewrites_in_place_and_clears_only_what_the_new_config_dropp
     assert _keys_of(dp, slot) == {"ports": set(), "cidrs": set(), "ips": set()}
 
 
+def test_proxies_that_listen_after_enrolment_have_their_accepted_ends_spliced(node, pods):
+    """Pods enrolled before their proxies listen: sockops registers each listener and marks it, and the socket
+    B's proxy accepts inherits the mark (the agent-registered path is the test above)."""
+    dp = node["dp"]
+    pod_a, pod_b = pods.podnet("a"), pods.podnet("b")
+    dp.capture(pod_a)
+    dp.capture(pod_b)
+    for p in "ab":
+        pods.sidecar(p, forward=True)
+        pods.app(p)
+
+    got = pods.connect("a", pods.ip["b"], 8080, size=MiB)
+
+    assert (got["server"]["server"], got["intact"], got["received"]) == ("app8080", True, MiB), got
+    a, b = dp.counters(pod_a), dp.counters(pod_b)
+    assert a["bytes_spliced"] >= MiB and b["bytes_spliced"] >= MiB  # B's accepted end was in the SOCKHASH
+    assert a["errors"] == 0 and b["errors"] == 0
+
+
 def test_a_spliced_socket_whose_peer_is_not_spliced_stays_on_tcp_and_loses_no_byte(node, pods):
     """A's app socket enters the SOCKHASH (splice-app) but B's accepted socket never does: every redirect fails,
     the first message leaves the mark in the socket's own storage, and the stream stays on TCP intact."""

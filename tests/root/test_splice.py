@@ -285,12 +285,14 @@ def test_sockhash_is_empty_once_the_lab_is_idle(lab):
     assert _wait_sockhash(dp, 0) == 0
 
 
-# A proxy's connection to another pod, one step at a time: bind, connect, echo five bytes.
+# A connection as the proxy's uid from a fixed source port, one step at a time: bind, connect, echo five bytes.
+# The timeout makes CPython poll and retry an EAGAIN from a spliced socket's receive path.
 _STEPPED_CLIENT = r"""
 import socket, sys
 s = socket.socket()
-s.bind((sys.argv[1], 0))
-print(s.getsockname()[1], flush=True); sys.stdin.readline()
+s.settimeout(30)
+s.bind((sys.argv[1], int(sys.argv[4])))
+print("bound", flush=True); sys.stdin.readline()
 s.connect((sys.argv[2], int(sys.argv[3])))
 print("connected", flush=True); sys.stdin.readline()
 s.sendall(b"held\n")
@@ -300,49 +302,48 @@ while len(got) < 5 and (chunk := s.recv(5 - len(got))):
 print(got.decode().strip() or "eof", flush=True)
 s.close()
 """
+STRAY_PORT = 23456  # below the ephemeral range, so no other connection of the lab can hold it
 
 
-def _iptables_in(pod, *rule: str) -> None:
-    """A filter rule change inside a lab pod's own netns (the host's tables are not touched)."""
-    done = proc.run(["iptables", "-w", *rule], netns=pod.netns)
-    assert done.returncode == 0, done.stderr.decode()
-
-
-def test_the_accepted_end_is_recorded_at_the_syn_and_the_record_consumed_when_established(lab):
-    """sk_lookup records the proxy's accepted end when it steers the SYN; sockops consumes the record when the
-    handshake completes. The handshake is held half-way (pod B drops A's non-SYN segments) to see the record
-    exist, then let through. Only the tuple of this connection is checked: sk_lookup also runs for a stray
-    segment of a connection already gone and leaves a record no handshake consumes (see bpf/sk_lookup.c)."""
+def test_a_stray_segment_leaves_nothing_that_marks_a_later_unsteered_connection(lab):
+    """Only sockets the proxy's inbound listener accepts are proxy ends. sk_lookup steers a stray segment too (it
+    runs for any segment that finds no socket and cannot see the flags), so a mark it recorded by tuple would
+    make a later connection with that tuple look like the proxy's even when it is not steered: here B excludes
+    the port by then and its app accepts, and the app's socket must stay out of the SOCKHASH."""
     state, dp = lab
     a, b = state.pods
-    client = proc.spawn([sys.executable, "-c", _STEPPED_CLIENT, a.ip, b.ip, str(haproxy.ECHO_PORT)],
-                        netns=a.netns, cgroup=state.cgroup, uid=PROXY_UID, gid=PROXY_GID, cwd="/",
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    hold = ["INPUT", "-p", "tcp", "-s", a.ip, "-d", b.ip, "--dport", str(haproxy.ECHO_PORT), "!", "--syn",
-            "-j", "DROP"]
+    steered = dp.counters(_net(b))["inbound_steered"]
+    sent = proc.run([sys.executable, str(Path(__file__).with_name("stray_segment.py")), a.ip, b.ip,
+                     str(STRAY_PORT), str(haproxy.ECHO_PORT)], netns=a.netns)
+    assert sent.stdout == b"sent\n", sent.stderr.decode()
+    assert dp.counters(_net(b))["inbound_steered"] == steered + 1  # the stray was steered to B's proxy
 
-    def step(say: bool = True) -> str:
-        if say:
-            client.stdin.write(b"go\n")
-            client.stdin.flush()
-        ready, _, _ = select.select([client.stdout], [], [], CLIENT_STEP_TIMEOUT)
-        line = client.stdout.readline() if ready else b""
-        assert line, f"the stepped client stopped answering: {client.stderr.read()[-800:]!r}"
-        return line.decode().strip()
-
-    def recorded() -> bool:
-        key = {"netns": 0, "local": b.ip, "remote": a.ip, "local_port": haproxy.ECHO_PORT, "remote_port": port}
-        return any(e["key"] == key for e in maps.entries(dp.pin_dir, "mcni_proxy_ends_v1")[0])
-
+    excluded = dataclasses.replace(lab_core.lab_pod_config(),
+                                   exclude_inbound_ports=lab_core.lab_pod_config().exclude_inbound_ports
+                                   + (haproxy.ECHO_PORT,))
+    client = None
     try:
-        port = int(step(say=False))
-        _iptables_in(b, "-I", *hold)
-        try:
-            assert step() == "connected"  # A has the SYN-ACK; B's end waits for an ACK it does not get
-            assert recorded(), "the steered SYN left no record of the proxy's accepted end"
-        finally:
-            _iptables_in(b, "-D", *hold)
-        assert step() == "held"  # the data completes B's handshake, and B's proxy relays it to the echo app
-        assert not recorded(), "the established end's record was not consumed"
+        dp.capture(dataclasses.replace(_net(b), config=excluded))
+        client = proc.spawn([sys.executable, "-c", _STEPPED_CLIENT, a.ip, b.ip, str(haproxy.ECHO_PORT),
+                             str(STRAY_PORT)], netns=a.netns, cgroup=state.cgroup, uid=PROXY_UID, gid=PROXY_GID,
+                            cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        def step(say: bool = True) -> str:
+            if say:
+                client.stdin.write(b"go\n")
+                client.stdin.flush()
+            ready, _, _ = select.select([client.stdout], [], [], CLIENT_STEP_TIMEOUT)
+            line = client.stdout.readline() if ready else b""
+            assert line, f"the stepped client stopped answering: {client.stderr.read()[-800:]!r}"
+            return line.decode().strip()
+
+        assert step(say=False) == "bound"
+        assert step() == "connected"
+        ends = {t for t in _sockhash_tuples(dp) if STRAY_PORT in (t[2], t[4])}
+        # A's end is a proxy end (the proxy's uid connected to a pod); B's app socket is not one
+        assert ends == {(0, a.ip, STRAY_PORT, b.ip, haproxy.ECHO_PORT)}, ends
+        assert step() == "held"  # unspliced, on TCP
     finally:
-        proc.stop(client, grace=1)
+        if client is not None:
+            proc.stop(client, grace=1)
+        dp.capture(_net(b))
