@@ -138,7 +138,7 @@ static __always_inline void mcni_established(struct bpf_sock_ops *skops, const s
 	}
 	if (!(pod->flags & MCNI_F_SPLICE))
 		return;
-	/* a proxy end's peer was checked to be a pod here: at connect() for an outgoing end, above for an accepted one */
+	/* a proxy end's peer was checked to be a pod: at connect() for an outgoing end, above for an accepted one */
 	if (!proxy_end && (!(pod->flags & MCNI_F_SPLICE_APP) || !mcni_splice_candidate(&t)))
 		return; /* an app's socket (or the proxy's end facing its app): not without the pod's opt-in */
 	/* (bcc rewrites map methods only as whole statements, hence the temporary) */
