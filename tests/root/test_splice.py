@@ -80,7 +80,6 @@ if __name__ == "__main__":
 
 from meshcni.config import ANN_SPLICE_APP, PROXY_GID, PROXY_UID, PodConfig  # noqa: E402
 from meshcni.datapath import layout as L  # noqa: E402
-from meshcni.datapath import maps  # noqa: E402
 from meshcni.datapath.ebpf import netns_cookie  # noqa: E402
 from meshcni.lab import haproxy, traffic  # noqa: E402
 from meshcni.lab import lab as lab_core  # noqa: E402
@@ -145,18 +144,16 @@ def _app_sockets(tuples, cookie: int, app_port: int) -> list[tuple]:
     return [t for t in tuples if t[0] == cookie and app_port in (t[2], t[4])]
 
 
-class _InPodClient:
-    """This file as a script in a lab pod, as the app uid; steps are driven line by line over stdin/stdout."""
+class _Stepped:
+    """A client in a lab pod whose steps are driven line by line: it prints a line when a step is done and
+    reads one before it takes the next."""
 
-    def __init__(self, state, pod, host: str, port: int, tries: int, blocking: bool):
-        self._proc = proc.spawn(
-            [sys.executable, str(Path(__file__).resolve()), host, str(port), str(tries), str(MIB),
-             "blocking" if blocking else "timeout"],
-            netns=pod.netns, cgroup=state.cgroup, uid=podproc.APP_UID, gid=podproc.APP_GID, cwd="/",
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
+    def __init__(self, state, pod, argv: list[str], uid: int, gid: int):
+        self._proc = proc.spawn(argv, netns=pod.netns, cgroup=state.cgroup, uid=uid, gid=gid, cwd="/",
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def read(self) -> dict:
+    def read(self):
+        """The next step's report, one JSON value per line."""
         ready, _, _ = select.select([self._proc.stdout], [], [], CLIENT_STEP_TIMEOUT)
         line = self._proc.stdout.readline() if ready else b""
         if not line:
@@ -170,6 +167,15 @@ class _InPodClient:
 
     def stop(self) -> None:
         proc.stop(self._proc, grace=1)
+
+
+class _InPodClient(_Stepped):
+    """This file as a script in a lab pod, as the app uid."""
+
+    def __init__(self, state, pod, host: str, port: int, tries: int, blocking: bool):
+        super().__init__(state, pod, [sys.executable, str(Path(__file__).resolve()), host, str(port), str(tries),
+                                      str(MIB), "blocking" if blocking else "timeout"],
+                         podproc.APP_UID, podproc.APP_GID)
 
 
 def _drive(dp, client, tries: int, cookie: int, a_ip: str, b_ip: str) -> dict:
@@ -288,18 +294,18 @@ def test_sockhash_is_empty_once_the_lab_is_idle(lab):
 # A connection as the proxy's uid from a fixed source port, one step at a time: bind, connect, echo five bytes.
 # The timeout makes CPython poll and retry an EAGAIN from a spliced socket's receive path.
 _STEPPED_CLIENT = r"""
-import socket, sys
+import json, socket, sys
 s = socket.socket()
 s.settimeout(30)
 s.bind((sys.argv[1], int(sys.argv[4])))
-print("bound", flush=True); sys.stdin.readline()
+print(json.dumps("bound"), flush=True); sys.stdin.readline()
 s.connect((sys.argv[2], int(sys.argv[3])))
-print("connected", flush=True); sys.stdin.readline()
+print(json.dumps("connected"), flush=True); sys.stdin.readline()
 s.sendall(b"held\n")
 got = b""
 while len(got) < 5 and (chunk := s.recv(5 - len(got))):
     got += chunk
-print(got.decode().strip() or "eof", flush=True)
+print(json.dumps(got.decode().strip() or "eof"), flush=True)
 s.close()
 """
 STRAY_PORT = 23456  # below the ephemeral range, so no other connection of the lab can hold it
@@ -324,26 +330,17 @@ def test_a_stray_segment_leaves_nothing_that_marks_a_later_unsteered_connection(
     client = None
     try:
         dp.capture(dataclasses.replace(_net(b), config=excluded))
-        client = proc.spawn([sys.executable, "-c", _STEPPED_CLIENT, a.ip, b.ip, str(haproxy.ECHO_PORT),
-                             str(STRAY_PORT)], netns=a.netns, cgroup=state.cgroup, uid=PROXY_UID, gid=PROXY_GID,
-                            cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-        def step(say: bool = True) -> str:
-            if say:
-                client.stdin.write(b"go\n")
-                client.stdin.flush()
-            ready, _, _ = select.select([client.stdout], [], [], CLIENT_STEP_TIMEOUT)
-            line = client.stdout.readline() if ready else b""
-            assert line, f"the stepped client stopped answering: {client.stderr.read()[-800:]!r}"
-            return line.decode().strip()
-
-        assert step(say=False) == "bound"
-        assert step() == "connected"
+        client = _Stepped(state, a, [sys.executable, "-c", _STEPPED_CLIENT, a.ip, b.ip, str(haproxy.ECHO_PORT),
+                                     str(STRAY_PORT)], PROXY_UID, PROXY_GID)
+        assert client.read() == "bound"
+        client.go()
+        assert client.read() == "connected"
         ends = {t for t in _sockhash_tuples(dp) if STRAY_PORT in (t[2], t[4])}
         # A's end is a proxy end (the proxy's uid connected to a pod); B's app socket is not one
         assert ends == {(0, a.ip, STRAY_PORT, b.ip, haproxy.ECHO_PORT)}, ends
-        assert step() == "held"  # unspliced, on TCP
+        client.go()
+        assert client.read() == "held"  # unspliced, on TCP
     finally:
         if client is not None:
-            proc.stop(client, grace=1)
+            client.stop()
         dp.capture(_net(b))
