@@ -390,7 +390,8 @@ def test_a_recapture_rewrites_in_place_and_clears_only_what_the_new_config_dropp
 
 def test_proxies_that_listen_after_enrolment_have_their_accepted_ends_spliced(node, pods):
     """Pods enrolled before their proxies listen: sockops registers each listener and marks it, and the socket
-    B's proxy accepts inherits the mark (the agent-registered path is the test above)."""
+    B's proxy accepts inherits the mark (test_pod_to_pod_through_both_proxies_… has the path where the listener
+    exists first and is registered and marked from user space)."""
     dp = node["dp"]
     pod_a, pod_b = pods.podnet("a"), pods.podnet("b")
     dp.capture(pod_a)

@@ -324,9 +324,9 @@ def test_a_stray_segment_leaves_nothing_that_marks_a_later_unsteered_connection(
     assert sent.stdout == b"sent\n", sent.stderr.decode()
     assert dp.counters(_net(b))["inbound_steered"] == steered + 1  # the stray was steered to B's proxy
 
-    excluded = dataclasses.replace(lab_core.lab_pod_config(),
-                                   exclude_inbound_ports=lab_core.lab_pod_config().exclude_inbound_ports
-                                   + (haproxy.ECHO_PORT,))
+    lab_config = lab_core.lab_pod_config()
+    excluded = dataclasses.replace(lab_config,
+                                   exclude_inbound_ports=lab_config.exclude_inbound_ports + (haproxy.ECHO_PORT,))
     client = None
     try:
         dp.capture(dataclasses.replace(_net(b), config=excluded))
