@@ -61,24 +61,25 @@ def _errno(rc: int) -> int:
     return -rc if rc < -1 else (ctypes.get_errno() or 1)
 
 
-# --- a four-instruction assembler --------------------------------------------------------------------------
+# --- a minimal assembler --------------------------------------------------------------------------
 
 
-def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    """One BPF instruction, for probes and tests that need more than the helpers below."""
     # struct bpf_insn: u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm (little endian on x86/arm64)
     return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
 
 
 def mov_r0(imm: int) -> bytes:
-    return _insn(0xB7, dst=0, imm=imm)  # BPF_ALU64 | BPF_MOV | BPF_K
+    return insn(0xB7, dst=0, imm=imm)  # BPF_ALU64 | BPF_MOV | BPF_K
 
 
 def call(helper: int) -> bytes:
-    return _insn(0x85, imm=helper)  # BPF_JMP | BPF_CALL; r1 still holds the context on entry
+    return insn(0x85, imm=helper)  # BPF_JMP | BPF_CALL; r1 still holds the context on entry
 
 
 def exit_() -> bytes:
-    return _insn(0x95)  # BPF_JMP | BPF_EXIT
+    return insn(0x95)  # BPF_JMP | BPF_EXIT
 
 
 def returning(value: int, *, calling: int | None = None) -> bytes:

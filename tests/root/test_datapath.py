@@ -582,10 +582,10 @@ def _socket_lb(service: str, backend: str) -> int:
         return v - (1 << 32) if v >= 1 << 31 else v
 
     user_ip4 = 4  # offsetof(struct bpf_sock_addr, user_ip4)
-    insns = (rawbpf._insn(0x61, dst=2, src=1, off=user_ip4)            # w2 = ctx->user_ip4
-             + rawbpf._insn(0x56, dst=2, off=2, imm=u32(service))     # if w2 != service: skip the rewrite
-             + rawbpf._insn(0xB4, dst=3, imm=u32(backend))            # w3 = backend
-             + rawbpf._insn(0x63, dst=1, src=3, off=user_ip4)         # ctx->user_ip4 = w3
+    insns = (rawbpf.insn(0x61, dst=2, src=1, off=user_ip4)            # w2 = ctx->user_ip4
+             + rawbpf.insn(0x56, dst=2, off=2, imm=u32(service))     # if w2 != service: skip the rewrite
+             + rawbpf.insn(0xB4, dst=3, imm=u32(backend))            # w3 = backend
+             + rawbpf.insn(0x63, dst=1, src=3, off=user_ip4)         # ctx->user_ip4 = w3
              + rawbpf.mov_r0(1) + rawbpf.exit_())
     return rawbpf.prog_load(bpf.PROG_CGROUP_SOCK_ADDR, insns, bpf.ATTACH_CGROUP_INET4_CONNECT, name="other_sock_lb")
 
