@@ -586,7 +586,11 @@ class AgentCore:
 
     def drop_conntrack_holds(self) -> int:
         """Retry dropping the conntrack hold of pods that left iptables mode with a redirected connection
-        open; returns how many holds are settled now. A pod back in iptables mode, or gone, is forgotten."""
+        open; returns how many holds are settled now. A pod back in iptables mode, or gone, is forgotten.
+
+        Whether the hold is still needed is asked outside the core lock: the answer lists the pod netns's
+        conntrack table (tens of ms) and is "yes" for as long as a long-lived connection lasts, which must
+        not hold up enrolments. Only a "no" takes the lock, and the drop then checks again under it."""
         iptables = self.interceptors.get(Mode.IPTABLES)
         if iptables is None or not self._conntrack_due:
             return 0
@@ -594,25 +598,46 @@ class AgentCore:
         due = sorted((at, cid) for cid, at in self._conntrack_due.items() if at <= now)[:CONNTRACK_PER_TICK]
         settled = 0
         for _, cid in due:
-            # Under the lock: a switch back to iptables must not interleave with the hold's removal.
+            found = self._conntrack_pod(cid)
+            if found is None:
+                continue
+            name, pod = found
+            try:
+                needed = iptables.conntrack_hold_needed(pod)
+            except (SysError, OSError) as exc:
+                log.warning("pod %s: checking the conntrack hold: %s", name, exc)
+                needed = True
             with self.lock:
-                record = self.registry.get(cid)
-                if record is None or record.mode == Mode.IPTABLES.value:
-                    self._conntrack_due.pop(cid, None)
+                if needed:
+                    self._conntrack_due[cid] = now + CONNTRACK_RETRY_S
                     continue
-                pod = self._pod_net(record, PodConfig.from_dict(record.config))
+                # Under the lock: a switch back to iptables must not interleave with the hold's removal.
+                found = self._conntrack_pod(cid)
+                if found is None:
+                    continue
+                name, pod = found
                 try:
                     done = iptables.drop_conntrack_hold(pod)
                 except (SysError, OSError) as exc:
-                    log.warning("pod %s: dropping the conntrack hold: %s", record.display_name, exc)
+                    log.warning("pod %s: dropping the conntrack hold: %s", name, exc)
                     done = False
                 if done:
                     self._conntrack_due.pop(cid, None)
                     settled += 1
-                    log.info("pod %s: no redirected connection left; conntrack hold settled", record.display_name)
+                    log.info("pod %s: no redirected connection left; conntrack hold settled", name)
                 else:
                     self._conntrack_due[cid] = now + CONNTRACK_RETRY_S
         return settled
+
+    def _conntrack_pod(self, cid: str) -> tuple[str, PodNet] | None:
+        """The pod whose conntrack hold is scheduled for a retry (its name for the log, and the pod), or None
+        (and off the schedule) when it is gone or back in iptables mode, whose capture owns the hold now."""
+        with self.lock:
+            record = self.registry.get(cid)
+            if record is None or record.mode == Mode.IPTABLES.value:
+                self._conntrack_due.pop(cid, None)
+                return None
+            return record.display_name, self._pod_net(record, PodConfig.from_dict(record.config))
 
     def listener_state(self, record: PodRecord) -> str:
         """Whether the pod's inbound listener is in the SOCKMAP now (the kernel registers a proxy's own

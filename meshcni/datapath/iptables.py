@@ -32,7 +32,7 @@ the wrong way, so the next SYN of that 4-tuple is invalid to conntrack and passe
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshcni.config import INBOUND_PASSTHROUGH_SRC, Mode, PodConfig
 from meshcni.datapath.directions import BOTH, Direction
@@ -55,6 +55,18 @@ CONNTRACK_CHAIN = "MESHCNI_CONNTRACK"
 CONNTRACK_HOLD_SPEC = "-m conntrack --ctstate INVALID -j RETURN"
 # Istio's HBONE port: always the first RETURN of ISTIO_INBOUND, and never sent back inbound from the proxy.
 TUNNEL_PORT = 15008
+
+
+@dataclass(frozen=True)
+class _ConntrackHold:
+    """What a pod netns's conntrack hold is now: absent (no `holding` family), owned by a live iptables
+    capture of the pod, still needed by an open redirected connection, or free to go."""
+
+    live: dict = field(default_factory=dict)  # family -> the nat table as saved, when there is a hold
+    holding: tuple = ()  # the families whose nat table has the hold chain
+    owned: bool = False
+    needed: bool = False
+    tells_connections_apart: bool = False  # conntrack-tools answered (else the hold waited for an empty table)
 
 
 @dataclass(frozen=True)
@@ -418,30 +430,43 @@ class IptablesInterceptor:
         Without conntrack-tools the open connections cannot be told apart, and the hold then waits until
         the netns has no conntrack entry at all.
         """
+        hold = self._conntrack_hold(pod)
+        if hold.needed:
+            return False
+        if hold.holding and not hold.owned:
+            for family in hold.holding:
+                document = conntrack_release_document(hold.live[family])
+                if document:
+                    ipt.restore(pod.netns, family, self.backend, document)
+            if hold.tells_connections_apart:
+                ipt.conntrack_flush(pod.netns)
+        return True
+
+    def conntrack_hold_needed(self, pod: PodNet) -> bool:
+        """Whether an open connection the rules redirected still needs the pod's conntrack hold: the
+        read-only half of `drop_conntrack_hold`, which the agent asks without holding up anything else
+        (it lists the netns's conntrack table) and follows with the drop only when the answer is no."""
+        return self._conntrack_hold(pod).needed
+
+    def _conntrack_hold(self, pod: PodNet) -> _ConntrackHold:
         try:
             check_netns(pod.netns)
         except NamespaceNotFound:
-            return True
+            return _ConntrackHold()
         families = [family for family in Family if ipt.family_available(family)]
         live = {family: ipt.save(pod.netns, family, self.backend, TABLE) for family in families}
-        holding = [family for family in families if CONNTRACK_CHAIN in live[family].chains]
+        holding = tuple(family for family in families if CONNTRACK_CHAIN in live[family].chains)
         if not holding:
-            return True
+            return _ConntrackHold()
         if any(set(OUR_CHAINS) & set(table.chains) for table in live.values()):
-            return True
+            return _ConntrackHold(live=live, holding=holding, owned=True)
         still_open = ipt.conntrack_redirected_open(pod.netns)
         if still_open is None:
-            if ipt.conntrack_count(pod.netns) != 0:
-                return False
-        elif still_open:
-            return False
-        for family in holding:
-            document = conntrack_release_document(live[family])
-            if document:
-                ipt.restore(pod.netns, family, self.backend, document)
-        if still_open is not None:
-            ipt.conntrack_flush(pod.netns)
-        return True
+            needed = ipt.conntrack_count(pod.netns) != 0
+        else:
+            needed = still_open > 0
+        return _ConntrackHold(live=live, holding=holding, needed=needed,
+                              tells_connections_apart=still_open is not None)
 
     def counters(self, pod: PodNet) -> dict[str, int]:
         """The pod's capture counters from its rules' own packet counts, named like the eBPF datapath's.

@@ -200,10 +200,13 @@ def test_a_hold_kept_for_an_open_redirected_connection_goes_once_it_ends(topo, e
     interceptor, pod, conn = redirected_connection(topo, echo)
     assert ask(conn, "before") == "proxy:before"
     interceptor.release(pod)
+    assert interceptor.conntrack_hold_needed(pod) is True  # the agent's check, which changes nothing
     assert interceptor.drop_conntrack_hold(pod) is False  # still needed: the connection is open
     assert interceptor.conntrack_held(pod)
     assert ask(conn, "still") == "proxy:still"
     abort(conn)  # a reset takes the entry straight out of the open states
+    assert interceptor.conntrack_hold_needed(pod) is False
+    assert interceptor.conntrack_held(pod)  # asking did not drop it
     assert interceptor.drop_conntrack_hold(pod) is True
     assert not interceptor.conntrack_held(pod)
     assert ipt.conntrack_count(topo.pod) == 0
@@ -221,6 +224,7 @@ def test_a_live_capture_keeps_its_hold(topo):  # noqa: F811
     interceptor = IptablesInterceptor("nft")
     pod = topo.podnet(iptables_config(), ipv6=False)
     interceptor.capture(pod)
+    assert interceptor.conntrack_hold_needed(pod) is False
     assert interceptor.drop_conntrack_hold(pod) is True  # nothing to wait for: the hold is the capture's
     assert interceptor.conntrack_held(pod)
     assert interceptor.verify(pod) == []
@@ -236,6 +240,7 @@ def test_without_conntrack_tools_the_hold_waits_for_an_empty_table(topo, echo, m
     interceptor.release(pod)
     assert ipt.conntrack_count(topo.pod) > 0
     assert interceptor.conntrack_held(pod)
+    assert interceptor.conntrack_hold_needed(pod) is True
     assert interceptor.drop_conntrack_hold(pod) is False
 
 
