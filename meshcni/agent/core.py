@@ -139,6 +139,16 @@ class PodSpec:
         return cls(container_id=cid, netns=ns, ifname=ifname, ips=tuple(ips), **fields)
 
 
+def _ask_about_hold(ask, name: str, pod: PodNet, *, doing: str, failed: bool) -> bool:
+    """One question to the iptables interceptor about a pod's conntrack hold; a system error is logged and
+    answers `failed` (the hold stays, and the tick asks again)."""
+    try:
+        return ask(pod)
+    except (SysError, OSError) as exc:
+        log.warning("pod %s: %s the conntrack hold: %s", name, doing, exc)
+        return failed
+
+
 class AgentCore:
     """The registry plus the interceptors, behind one lock."""
 
@@ -601,32 +611,19 @@ class AgentCore:
             found = self._conntrack_pod(cid)
             if found is None:
                 continue
-            name, pod = found
-            try:
-                needed = iptables.conntrack_hold_needed(pod)
-            except (SysError, OSError) as exc:
-                log.warning("pod %s: checking the conntrack hold: %s", name, exc)
-                needed = True
+            needed = _ask_about_hold(iptables.conntrack_hold_needed, *found, doing="checking", failed=True)
             with self.lock:
-                if needed:
-                    self._conntrack_due[cid] = now + CONNTRACK_RETRY_S
-                    continue
-                # Under the lock: a switch back to iptables must not interleave with the hold's removal.
-                found = self._conntrack_pod(cid)
-                if found is None:
-                    continue
-                name, pod = found
-                try:
-                    done = iptables.drop_conntrack_hold(pod)
-                except (SysError, OSError) as exc:
-                    log.warning("pod %s: dropping the conntrack hold: %s", name, exc)
-                    done = False
-                if done:
-                    self._conntrack_due.pop(cid, None)
-                    settled += 1
-                    log.info("pod %s: no redirected connection left; conntrack hold settled", name)
-                else:
-                    self._conntrack_due[cid] = now + CONNTRACK_RETRY_S
+                if not needed:
+                    # Under the lock: a switch back to iptables must not interleave with the hold's removal.
+                    found = self._conntrack_pod(cid)
+                    if found is None:
+                        continue
+                    if _ask_about_hold(iptables.drop_conntrack_hold, *found, doing="dropping", failed=False):
+                        self._conntrack_due.pop(cid, None)
+                        settled += 1
+                        log.info("pod %s: no redirected connection left; conntrack hold settled", found[0])
+                        continue
+                self._conntrack_due[cid] = now + CONNTRACK_RETRY_S
         return settled
 
     def _conntrack_pod(self, cid: str) -> tuple[str, PodNet] | None:

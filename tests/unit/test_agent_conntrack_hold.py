@@ -16,6 +16,7 @@ from meshcni.agent import core as agent_core
 from meshcni.agent.core import AgentCore
 from meshcni.agent.registry import PodRecord, Registry
 from meshcni.config import Mode
+from meshcni.sys.errors import SysError
 
 
 class ScriptedIptables:
@@ -104,6 +105,20 @@ def test_the_hold_is_retried_until_the_last_redirected_connection_ends(make_core
     # by the drop (which checks again, under the lock). Settled: never asked again.
     assert iptables.checked == ["c-a"] * 2 and iptables.checked_under_lock == 0
     assert iptables.asked == ["c-a"] * 2  # release's own drop, then the second tick's
+
+
+def test_a_check_that_fails_keeps_the_hold_and_asks_again(make_core):
+    core, iptables = make_core({"c-a": [False, True]})
+    leave_iptables(core, "c-a")
+
+    def tool_fails(pod):  # e.g. conntrack or iptables-save timing out in the pod netns
+        raise SysError("conntrack -L timed out")
+
+    iptables.during_check = tool_fails
+    assert core.drop_conntrack_holds() == 0
+    assert iptables.asked == ["c-a"]  # no drop after a failed check
+    iptables.during_check = None
+    assert core.drop_conntrack_holds() == 1  # still scheduled: the next tick's check answers
 
 
 def test_a_pod_switched_back_to_iptables_while_its_hold_was_checked_keeps_it(make_core):
