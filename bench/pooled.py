@@ -4,9 +4,9 @@ One run of `throughput.py` cannot resolve a few percent on this machine: the hyp
 run by 10–20% and a burst can halve it, so a 15-round interval is often wider than the margin it has to
 decide. Rounds can be pooled across runs, though, if what is pooled is each round's *paired ratio* (the two
 modes ran back to back in that round, under the same load) rather than the absolute figures, which drift by
-up to half between hours. For each of the issues' targets (`_report.TARGETS`), and for the floor that
-capture cannot beat (`explicit-routed` against `explicit`: the capture listeners' handling without capture),
-this prints the median of the per-round ratios over every round of every report that ran both modes, with
+up to half between hours. For each of the issues' targets (`_report.TARGETS`), and for the ceilings no
+capture can pass (`explicit-routed`, the capture listeners' handling without capture, against `explicit` and
+against `iptables`), this prints the median of the per-round ratios over every round of every report that ran both modes, with
 a 90% interval from resampling those rounds, on req/s, on requests per busy CPU-second and on p99.
 
     .venv/bin/python bench/pooled.py bench/results/throughput-A.json bench/results/throughput-B.json ...
@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _report  # noqa: E402
 
-# Not a target: what the capture listeners' handling costs with no capture at all, the ceiling of any
-# capture's ratio to `explicit` (a capture that cost nothing would measure this).
-FLOORS = tuple((profile, "explicit-routed", "explicit", "rps", None) for profile in ("keep-alive", "close"))
+# Not targets: the capture listeners' handling with no capture at all (`explicit-routed`) against `explicit`
+# and against `iptables`. A capture that cost nothing would measure these, so they are the ceilings of any
+# capture's ratio to `explicit` and to `iptables` with this sidecar.
+FLOORS = tuple((profile, "explicit-routed", den, "rps", None)
+               for den in ("explicit", "iptables") for profile in ("keep-alive", "close"))
 LEVEL = 0.90
 
 
@@ -105,7 +107,7 @@ def interval(ratios: list[float], level: float = LEVEL) -> tuple[float, float] |
 
 
 def pool(reports: list[list[dict]]) -> list[Pooled]:
-    """Every target (and floor) the reports have rounds for, on each metric it is judged by."""
+    """Every target (and ceiling) the reports have rounds for, on each metric it is judged by."""
     out = []
     for profile, num, den, metric, bound in (*_report.TARGETS, *FLOORS):
         for m in (metric, "req_per_cpu_s") if metric == "rps" else (metric,):

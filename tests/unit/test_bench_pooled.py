@@ -62,16 +62,19 @@ def test_steady_ratios_meet_or_miss_a_bound_and_a_spread_one_is_within_noise():
     assert pooled.interval([1.0, 1.1]) is None  # too few rounds to resample
 
 
-def test_pool_covers_the_targets_present_and_the_floor_without_a_verdict():
+def test_pool_covers_the_targets_present_and_the_ceilings_without_a_verdict():
     reports = [_report([(1100.0, 1000.0)] * 4),
-               _report([(900.0, 1000.0)] * 4, num="explicit-routed", den="explicit")]
+               _report([(900.0, 1000.0)] * 4, num="explicit-routed", den="explicit"),
+               _report([(1160.0, 1000.0)] * 4, num="explicit-routed", den="iptables")]
     rows = {(r.num, r.den, r.metric): r for r in pooled.pool(reports)}
     assert set(rows) == {("ebpf", "iptables", "rps"), ("ebpf", "iptables", "req_per_cpu_s"),
                          ("ebpf", "iptables", "p99"), ("explicit-routed", "explicit", "rps"),
-                         ("explicit-routed", "explicit", "req_per_cpu_s")}
+                         ("explicit-routed", "explicit", "req_per_cpu_s"), ("explicit-routed", "iptables", "rps"),
+                         ("explicit-routed", "iptables", "req_per_cpu_s")}
     assert rows["ebpf", "iptables", "rps"].median == 1.1 and rows["ebpf", "iptables", "rps"].verdict() == "not met"
-    floor = rows["explicit-routed", "explicit", "rps"]
-    assert floor.median == 0.9 and floor.bound is None and floor.verdict() == "–"
+    for den, median in (("explicit", 0.9), ("iptables", 1.16)):
+        ceiling = rows["explicit-routed", den, "rps"]
+        assert ceiling.median == median and ceiling.bound is None and ceiling.verdict() == "–"
     assert "| connection-per-request | ebpf/iptables | req/s | ≥ 1.15 | 4 (1) | 1.100 |" in pooled.markdown(
         list(rows.values()))
 
