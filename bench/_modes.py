@@ -37,6 +37,7 @@ from meshcni.datapath.interceptor import PodNet
 from meshcni.datapath.iptables import CONNTRACK_CHAIN, OUR_CHAINS, IptablesInterceptor
 from meshcni.lab import haproxy
 from meshcni.lab.lab import pod_net
+from meshcni.lab.nginx import APP_PORTS
 from meshcni.lab.state import LabState, PodState
 from meshcni.sys import iptables as ipt
 from meshcni.sys.netns import run_in_netns
@@ -94,12 +95,15 @@ def end_time_wait(b: Bench) -> int:
 
 
 def end_sidecar_connections(b: Bench) -> int:
-    """End the established TCP connections of the lab's pods to or from an app or capture port (the proxies'
-    idle pooled connections once a run is over); returns how many sockets were ended."""
+    """End the established TCP connections of the lab's pods to or from an app port, or to the pod's capture
+    listeners (the proxies' idle pooled connections once a run is over); returns how many sockets were ended."""
     ended = 0
     for pod in b.state.pods:
+        config = pod_net(pod).config
+        terms = [f"dport = :{p} or sport = :{p}" for p in APP_PORTS]
+        terms += [f"sport = :{p}" for p in (config.outbound_port, config.inbound_port)]
         proc = run_in_netns(pod.netns, ["ss", "-K", "-H", "-t", "state", "established",
-                                        "( dport = :80 or sport = :80 or sport = :15006 or sport = :15001 )"],
+                                        f"( {' or '.join(terms)} )"],
                             capture_output=True, text=True, timeout=60)
         ended += len(proc.stdout.splitlines())
     return ended
