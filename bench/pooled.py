@@ -6,8 +6,9 @@ decide. Rounds can be pooled across runs, though, if what is pooled is each roun
 modes ran back to back in that round, under the same load) rather than the absolute figures, which drift by
 up to half between hours. For each of the issues' targets (`_report.TARGETS`), and for the ceilings no
 capture can pass (`explicit-routed`, the capture listeners' handling without capture, against `explicit` and
-against `iptables`), this prints the median of the per-round ratios over every round of every report that ran both modes, with
-a 90% interval from resampling those rounds, on req/s, on requests per busy CPU-second and on p99.
+against `iptables`), this prints the median of the per-round ratios over every round of every report that
+ran both modes, with a 90% interval from resampling those rounds, on req/s, on requests per busy CPU-second
+and on p99.
 
     .venv/bin/python bench/pooled.py bench/results/throughput-A.json bench/results/throughput-B.json ...
 
@@ -30,7 +31,7 @@ import _report  # noqa: E402
 # Not targets: the capture listeners' handling with no capture at all (`explicit-routed`) against `explicit`
 # and against `iptables`. A capture that cost nothing would measure these, so they are the ceilings of any
 # capture's ratio to `explicit` and to `iptables` with this sidecar.
-FLOORS = tuple((profile, "explicit-routed", den, "rps", None)
+CEILINGS = tuple((profile, "explicit-routed", den, "rps", None)
                for den in ("explicit", "iptables") for profile in ("keep-alive", "close"))
 LEVEL = 0.90
 
@@ -109,7 +110,7 @@ def interval(ratios: list[float], level: float = LEVEL) -> tuple[float, float] |
 def pool(reports: list[list[dict]]) -> list[Pooled]:
     """Every target (and ceiling) the reports have rounds for, on each metric it is judged by."""
     out = []
-    for profile, num, den, metric, bound in (*_report.TARGETS, *FLOORS):
+    for profile, num, den, metric, bound in (*_report.TARGETS, *CEILINGS):
         for m in (metric, "req_per_cpu_s") if metric == "rps" else (metric,):
             ratios, used = paired_ratios(reports, profile, num, den, m)
             if not ratios:
