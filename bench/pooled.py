@@ -32,7 +32,7 @@ import _report  # noqa: E402
 # and against `iptables`. A capture that cost nothing would measure these, so they are the ceilings of any
 # capture's ratio to `explicit` and to `iptables` with this sidecar.
 CEILINGS = tuple((profile, "explicit-routed", den, "rps", None)
-               for den in ("explicit", "iptables") for profile in ("keep-alive", "close"))
+                 for den in ("explicit", "iptables") for profile in ("keep-alive", "close"))
 LEVEL = 0.90
 
 
